@@ -1,0 +1,231 @@
+"""Collectives: counted wrappers over torch.distributed and the autograd-aware ones tensor parallelism needs.
+
+Every collective the engine issues goes through the counted wrappers here, so tests can compare the bytes a
+rank moves with the theory (ZeRO paper, Megatron papers). `comm_stats.volume` uses the ring model: an
+all-reduce of S bytes moves 2 S (n-1)/n, an all-gather or reduce-scatter of S bytes (the full tensor) moves
+S (n-1)/n.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+class CommStats:
+    """Per-process byte counts, by operation name."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: dict[str, int] = defaultdict(int)
+        self.bytes: dict[str, int] = defaultdict(int)  # size of the full tensor each call works on
+        self.volume: dict[str, float] = defaultdict(float)  # ring-model bytes this rank sends
+
+    def record(self, op: str, nbytes: int, n: int) -> None:
+        factor = {"all_reduce": 2.0}.get(op, 1.0) * (n - 1) / n
+        self.calls[op] += 1
+        self.bytes[op] += nbytes
+        self.volume[op] += factor * nbytes
+
+    def total_volume(self) -> float:
+        return sum(self.volume.values())
+
+
+comm_stats = CommStats()
+
+# torch 2.13 renamed the tensor collectives; 2.11 (the GPU machines') only has the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM, async_op: bool = False):
+    n = _size(group)
+    if n == 1:
+        return None
+    comm_stats.record("all_reduce", _nbytes(t), n)
+    return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+
+
+def all_gather_into_tensor(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
+    n = _size(group)
+    if n == 1:
+        out.copy_(shard.reshape(out.shape))
+        return None
+    comm_stats.record("all_gather", _nbytes(out), n)
+    return _all_gather_single(out, shard.contiguous(), group=group, async_op=async_op)
+
+
+def reduce_scatter_tensor(out: torch.Tensor, full: torch.Tensor, group=None, op=dist.ReduceOp.SUM,
+                          async_op: bool = False):
+    n = _size(group)
+    if n == 1:
+        out.copy_(full.reshape(out.shape))
+        return None
+    comm_stats.record("reduce_scatter", _nbytes(full), n)
+    return _reduce_scatter_single(out, full.contiguous(), op=op, group=group, async_op=async_op)
+
+
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+    n = _size(group)
+    if n == 1:
+        return None
+    comm_stats.record("broadcast", _nbytes(t), n)
+    return dist.broadcast(t, src=src, group=group, async_op=async_op)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor-parallel building blocks. Shapes along `dim` must divide by the group size.
+
+def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+    all_gather_into_tensor(out, x, group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    x = x.movedim(dim, 0).contiguous()
+    if x.shape[0] % n:
+        raise ValueError(f"dimension {dim} of size {x.shape[0]} is not divisible by the group size {n}")
+    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+    reduce_scatter_tensor(out, x, group)
+    return out.movedim(0, dim)
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {n}")
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous().clone()
+    all_reduce(x, group)
+    return x
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.group, ctx.dim), None, None
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp_region(x, group):
+    """Identity forward; all-reduce of the gradient backward (the input of a column-parallel layer)."""
+    return _CopyToRegion.apply(x, group)
+
+
+def reduce_from_tp_region(x, group):
+    """All-reduce forward; identity backward (the output of a row-parallel layer)."""
+    return _ReduceFromRegion.apply(x, group)
+
+
+def scatter_to_tp_region(x, group, dim: int = -1):
+    """Keep this rank's chunk along `dim`; all-gather the gradient backward."""
+    return _ScatterToRegion.apply(x, group, dim % x.dim())
+
+
+def gather_from_tp_region(x, group, dim: int = -1):
+    """All-gather chunks along `dim`; keep this rank's chunk of the gradient backward."""
+    return _GatherFromRegion.apply(x, group, dim % x.dim())
+
+
+def all_gather_sequence(x, group, dim: int = 0):
+    """Sequence parallel: all-gather sequence shards forward, reduce-scatter the gradient backward."""
+    return _AllGatherSequence.apply(x, group, dim % x.dim())
+
+
+def reduce_scatter_sequence(x, group, dim: int = 0):
+    """Sequence parallel: reduce-scatter partial sums into sequence shards forward, all-gather backward."""
+    return _ReduceScatterSequence.apply(x, group, dim % x.dim())
+
+
+def scatter_sequence(x, group, dim: int = 0):
+    """Enter the sequence-parallel region from a replicated tensor: keep this rank's sequence shard."""
+    return _ScatterToRegion.apply(x, group, dim % x.dim())
+
+
+def gather_sequence(x, group, dim: int = 0):
+    """Leave the sequence-parallel region: all-gather shards forward, keep this rank's shard of the gradient."""
+    return _GatherFromRegion.apply(x, group, dim % x.dim())

@@ -1,0 +1,142 @@
+"""Parallel state: one DeviceMesh of shape (dp, pp, tp), tp innermost, and the process groups cut from it.
+
+This is the only place that creates process groups for the model's layout. Everything else receives the
+groups it needs (a layer takes its tp group); `get_state()` exists as a convenience default only.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags or files. Reported once from rank 0 without a traceback."""
+
+
+@dataclass
+class ParallelState:
+    mesh: DeviceMesh
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    seed: int
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def pp_global_rank(self, stage: int) -> int:
+        """Global rank of `stage` in this rank's pipeline."""
+        return dist.get_global_rank(self.pp_group, stage)
+
+
+_STATE: ParallelState | None = None
+
+
+def check_layout(world_size: int, tp: int, pp: int, dp: int | None) -> int:
+    """Validate a (dp, pp, tp) layout for `world_size` ranks and return dp."""
+    for name, flag, v in (("tp", "--tensor-model-parallel-size", tp), ("pp", "--pipeline-model-parallel-size", pp)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{flag} (--{name}) must be an integer >= 1, got {v!r}.")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp x pp = {tp} x {pp} = {tp * pp}. "
+            f"Launch a multiple of {tp * pp} processes (torchrun --nproc_per_node), or change --tp/--pp.")
+    expected = world_size // (tp * pp)
+    if dp is not None and dp != expected:
+        raise ConfigError(f"dp={dp} does not fit: world size {world_size} / (tp {tp} x pp {pp}) = {expected}.")
+    return expected
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
+    """Start the default process group from torchrun's environment, or as a single process without it."""
+    if dist.is_initialized():
+        return
+    backend = backend or _default_backend()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a plain `python script.py`: a world of one, no rendezvous needed
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str | None = None,
+               seed: int = 1234, timeout_minutes: float = 10.0) -> ParallelState:
+    """Build the (dp, pp, tp) mesh over all ranks and make it the default state."""
+    global _STATE
+    init_distributed(backend, timeout_minutes)
+    world = dist.get_world_size()
+    dp = check_layout(world, tp, pp, dp)
+    backend_name = dist.get_backend()
+    device = (torch.device("cuda", torch.cuda.current_device()) if backend_name == "nccl"
+              else torch.device("cpu"))
+    mesh = init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+    tp_group, pp_group, dp_group = (mesh.get_group(n) for n in ("tp", "pp", "dp"))
+    _STATE = ParallelState(
+        mesh=mesh, tp_group=tp_group, pp_group=pp_group, dp_group=dp_group,
+        tp_rank=mesh.get_local_rank("tp"), tp_size=tp,
+        pp_rank=mesh.get_local_rank("pp"), pp_size=pp,
+        dp_rank=mesh.get_local_rank("dp"), dp_size=dp,
+        device=device, seed=seed)
+    # The same seed everywhere: weights are created whole and sliced, so every rank must draw the same numbers.
+    # The tp-region dropout stream is forked per tp rank by tensor_parallel.random.
+    seed_everything(seed)
+    from megaengine.tensor_parallel.random import model_parallel_seed
+    model_parallel_seed(seed, _STATE.tp_rank, _STATE.pp_rank)
+    return _STATE
+
+
+def get_state() -> ParallelState:
+    if _STATE is None:
+        raise RuntimeError("megaengine.parallel.initialize() has not been called; pass a group explicitly "
+                           "or call initialize(tp=..., pp=...) first.")
+    return _STATE
+
+
+def is_initialized() -> bool:
+    return _STATE is not None
+
+
+def destroy() -> None:
+    global _STATE
+    _STATE = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
