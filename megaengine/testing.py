@@ -19,6 +19,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: the relative error parity tests bound (fp32: <= 1e-5)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def single_rank_groups():
+    """Each rank's own group of one, for building the tp=1 reference model inside a distributed test.
+    Every rank must call this (group creation is collective)."""
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    return groups[dist.get_rank()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

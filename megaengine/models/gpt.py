@@ -1,0 +1,411 @@
+"""GPT built from tensor-parallel layers: GPT-2 by default, LLaMA-style with RoPE, RMSNorm, SwiGLU and GQA.
+
+A `GPT` holds one contiguous range of transformer layers, with the embedding when it is the first pipeline
+stage and the final norm and output layer when it is the last, so a pipeline stage is just a GPT built with
+`layers=(start, end)`. Activations are (seq, batch, hidden) between layers, sequence-sharded over tp when
+sequence parallel. Every weight is created whole from a seed derived from its name, then sliced: the same
+model comes out at any tp or pp.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megaengine.parallel import ConfigError, comm
+from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                        pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
+from megaengine.tensor_parallel.layers import mark_tensor_parallel, resolve_group
+
+
+@dataclass
+class GPTConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    seq_length: int = 64
+    max_position_embeddings: int | None = None  # defaults to seq_length
+    vocab_size: int = 4096  # the tokenizer's; padded for tp below
+    ffn_hidden_size: int | None = None  # defaults to 4 x hidden
+    kv_channels: int | None = None  # defaults to hidden / heads
+    num_query_groups: int | None = None  # GQA; defaults to heads (plain multi-head attention)
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    rotary_base: float = 10000.0
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    sequence_parallel: bool = False
+    attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
+    normalization_backend: str = "auto"  # auto, torch, triton, cuda
+    init_seed: int = 1234
+    extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
+
+    def __post_init__(self):
+        self.max_position_embeddings = self.max_position_embeddings or self.seq_length
+        self.ffn_hidden_size = self.ffn_hidden_size or 4 * self.hidden_size
+        self.num_query_groups = self.num_query_groups or self.num_attention_heads
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads == 0:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, tp: int = 1) -> None:
+        """Raise ConfigError naming the flag for a shape that cannot be built or sharded over tp."""
+        h, heads, groups = self.hidden_size, self.num_attention_heads, self.num_query_groups
+        checks = [
+            (h % heads == 0 or self.kv_channels, "--hidden-size", h,
+             f"must be divisible by --num-attention-heads ({heads}), or set --kv-channels"),
+            (heads % tp == 0, "--num-attention-heads", heads, f"must be divisible by tensor-parallel size {tp}"),
+            (groups % tp == 0, "--num-query-groups", groups, f"must be divisible by tensor-parallel size {tp}"),
+            (heads % groups == 0, "--num-query-groups", groups, f"must divide --num-attention-heads ({heads})"),
+            (self.ffn_hidden_size % tp == 0, "--ffn-hidden-size", self.ffn_hidden_size,
+             f"must be divisible by tensor-parallel size {tp}"),
+            (self.seq_length <= self.max_position_embeddings, "--seq-length", self.seq_length,
+             f"exceeds --max-position-embeddings ({self.max_position_embeddings}); raise it or shorten the sequence"),
+            (not self.sequence_parallel or self.seq_length % tp == 0, "--seq-length", self.seq_length,
+             f"must be divisible by tensor-parallel size {tp} with --sequence-parallel"),
+            (self.position_embedding_type in ("learned_absolute", "rope"), "--position-embedding-type",
+             self.position_embedding_type, "choose learned_absolute or rope"),
+            (self.normalization in ("LayerNorm", "RMSNorm"), "--normalization", self.normalization,
+             "choose LayerNorm or RMSNorm"),
+            (self.attention_backend in ("auto", "sdpa", "torch", "triton"), "--attention-backend",
+             self.attention_backend, "choose auto, sdpa, torch or triton"),
+            (self.normalization_backend in ("auto", "torch", "triton", "cuda"), "--normalization-backend",
+             self.normalization_backend, "choose auto, torch, triton or cuda"),
+        ]
+        for ok, flag, value, fix in checks:
+            if not ok:
+                raise ConfigError(f"{flag}={value} {fix}.")
+        for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", h), ("--seq-length", self.seq_length),
+                            ("--num-attention-heads", heads)):
+            if value < 1:
+                raise ConfigError(f"{flag}={value} must be >= 1.")
+
+    def padded_vocab_size(self, tp: int) -> int:
+        return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
+
+
+def seeded_init(seed: int, name: str, std: float, rows: int | None = None):
+    """Initialise a full weight from a generator seeded by its name: independent of layout and build order.
+    With `rows`, only the first rows are drawn and the rest (vocabulary padding, which grows with tp) are 0."""
+    def init(t: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        n = t.shape[0] if rows is None else rows
+        t.zero_()
+        t[:n].copy_(torch.randn((n,) + tuple(t.shape[1:]), generator=g) * std)
+    return init
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm with replicated weights; on sequence shards their gradients are summed over tp."""
+
+    def __init__(self, config: GPTConfig, hidden: int, group):
+        super().__init__()
+        self.kind, self.eps, self.group = config.normalization, config.norm_epsilon, group
+        self.sequence_parallel, self.backend = config.sequence_parallel, config.normalization_backend
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.bias = nn.Parameter(torch.zeros(hidden)) if self.kind == "LayerNorm" else None
+
+    def forward(self, x):
+        w = replicated_param(self.weight, self.group, self.sequence_parallel)
+        if self.kind == "RMSNorm":
+            if self.backend in ("auto", "torch") and not x.is_cuda:
+                return rms_norm_torch(x, w, self.eps)
+            from megaengine.kernels import rms_norm
+            return rms_norm(x, w, self.eps, backend=_kernel_backend(self.backend))
+        b = replicated_param(self.bias, self.group, self.sequence_parallel)
+        if self.backend in ("auto", "torch") and not x.is_cuda:
+            return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+        from megaengine.kernels import layer_norm
+        return layer_norm(x, w, b, self.eps, backend=_kernel_backend(self.backend))
+
+
+def _kernel_backend(name: str):
+    return None if name == "auto" else name
+
+
+def rms_norm_torch(x, weight, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rotary_tables(seq: int, dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x: (batch, heads, seq, dim). Rotate-half convention (GPT-NeoX, LLaMA in Hugging Face, Megatron)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_name: str, group):
+        super().__init__()
+        tp = dist.get_world_size(group)
+        self.config, self.group = config, group
+        d, heads, groups = config.kv_channels, config.num_attention_heads, config.num_query_groups
+        self.head_dim, self.heads_local, self.groups_local = d, heads // tp, groups // tp
+        std, out_std = config.init_method_std, config.init_method_std / math.sqrt(2 * config.num_layers)
+        sp, bias, seed = config.sequence_parallel, config.add_bias_linear, config.init_seed
+        # The fused projection holds [q; k; v] in the output dim; each part is split over tp separately.
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size, (heads + 2 * groups) * d, bias=bias, sequence_parallel=sp, group=group,
+            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std))
+        self.proj = RowParallelLinear(heads * d, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
+                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std))
+
+    def forward(self, x, rope=None):
+        qkv = self.qkv(x)  # (s, b, local q+k+v)
+        s, b = qkv.shape[:2]
+        d, hq, hk = self.head_dim, self.heads_local, self.groups_local
+        q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        q, k, v = (t.reshape(s, b, -1, d).permute(1, 2, 0, 3) for t in (q, k, v))  # (b, heads, s, d)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.core_attention(q, k, v)  # (b, hq, s, d)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+        return self.proj(out)
+
+    def core_attention(self, q, k, v):
+        backend = self.config.attention_backend
+        p = self.config.attention_dropout if self.training else 0.0
+        if backend == "triton":
+            if p > 0.0:
+                raise ValueError("--attention-backend triton has no attention dropout; set --attention-dropout 0")
+            from megaengine.kernels import flash_attention
+            return flash_attention(q, k, v, causal=True, backend="triton")
+        if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves heads/groups query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        with tp_rng():  # attention dropout acts on this rank's heads: a stream of its own
+            if backend == "torch":
+                return attention_torch(q, k, v, p)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+
+def attention_torch(q, k, v, dropout_p: float):
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return F.dropout(probs, dropout_p) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, layer_name: str, group):
+        super().__init__()
+        std, out_std = config.init_method_std, config.init_method_std / math.sqrt(2 * config.num_layers)
+        ffn, sp, bias, seed = config.ffn_hidden_size, config.sequence_parallel, config.add_bias_linear, config.init_seed
+        self.swiglu = config.swiglu
+        # SwiGLU stacks [gate; up] in one projection, each half split over tp separately.
+        self.fc1 = ColumnParallelLinear(
+            config.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias, sequence_parallel=sp, group=group,
+            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std))
+        self.fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
+                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std))
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: GPTConfig, layer_number: int, group):
+        super().__init__()
+        name = f"layers.{layer_number}"
+        self.config = config
+        self.input_norm = Norm(config, config.hidden_size, group)
+        self.attention = Attention(config, f"{name}.attention", group)
+        self.post_attention_norm = Norm(config, config.hidden_size, group)
+        self.mlp = MLP(config, f"{name}.mlp", group)
+
+    def forward(self, x, rope=None):
+        x = x + self._dropout(self.attention(self.input_norm(x), rope))
+        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+
+    def _dropout(self, x):
+        p = self.config.hidden_dropout if self.training else 0.0
+        if p == 0.0:
+            return x
+        if self.config.sequence_parallel:  # each rank holds other tokens: masks must differ
+            with tp_rng():
+                return F.dropout(x, p)
+        return F.dropout(x, p)
+
+
+class GPT(nn.Module):
+    """Layers [start, end) of a GPT; `pre_process`: holds the embedding; `post_process`: the head and loss.
+
+    forward(x, labels=None): x is token ids (batch, seq) on the first stage, else the (seq, batch, hidden)
+    activation from the previous stage. On the last stage it returns the per-token loss (batch, seq) when
+    labels are given, else vocab-sharded logits (seq, batch, vocab/tp); elsewhere the activation.
+    """
+
+    def __init__(self, config: GPTConfig, tp_group=None, *, layers: tuple[int, int] | None = None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        group = resolve_group(tp_group)
+        self.config, self.tp_group = config, group
+        self.tp_size = dist.get_world_size(group)
+        config.validate(self.tp_size)
+        self.pre_process, self.post_process = pre_process, post_process
+        start, end = layers or (0, config.num_layers)
+        self.layer_range = (start, end)
+        self.vocab_size = config.padded_vocab_size(self.tp_size)
+        std, sp, seed = config.init_method_std, config.sequence_parallel, config.init_seed
+        h = config.hidden_size
+
+        if pre_process:
+            # With learned positions the word embedding is summed whole, positions added, then sequence
+            # sharded (as Megatron does); with RoPE it is reduce-scattered directly.
+            self.word_embeddings = VocabParallelEmbedding(
+                self.vocab_size, h, group, sequence_parallel=sp and not self.learned_positions,
+                init_method=seeded_init(seed, "word_embeddings", std, config.vocab_size))
+            if self.learned_positions:
+                self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+                seeded_init(seed, "position_embeddings", std)(self.position_embeddings.weight.data)
+        self.layers = nn.ModuleList(TransformerLayer(config, i, group) for i in range(start, end))
+        if post_process:
+            self.final_norm = Norm(config, h, group)
+            if config.untie_embeddings_and_output_weights:
+                self.output_layer = ColumnParallelLinear(h, self.vocab_size, bias=False, sequence_parallel=sp,
+                                                         group=group, init_method=seeded_init(seed, "output_layer", std, config.vocab_size))
+            elif not pre_process:
+                # Tied weights on another stage: a second copy of the word embedding, initialised equal and kept
+                # equal by summing both copies' gradients over the embedding group.
+                full = torch.empty(self.vocab_size, h)
+                seeded_init(seed, "word_embeddings", std, config.vocab_size)(full)
+                self.output_weight = nn.Parameter(full.chunk(self.tp_size)[dist.get_rank(group)].clone())
+                mark_tensor_parallel(self.output_weight, 0)
+                self.output_weight.shared_embedding_copy = True
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.config.position_embedding_type == "learned_absolute"
+
+    def head_weight(self) -> torch.Tensor:
+        if self.config.untie_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return self.word_embeddings.weight if self.pre_process else self.output_weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.t()  # (seq, batch)
+        x = self.word_embeddings(ids)
+        if self.learned_positions:
+            pos = torch.arange(ids.shape[0], device=ids.device)
+            x = x + self.position_embeddings(pos).unsqueeze(1)
+            if self.config.sequence_parallel:
+                x = comm.scatter_sequence(x, self.tp_group, dim=0)
+        p = self.config.hidden_dropout if self.training else 0.0
+        if p == 0.0:
+            return x
+        if self.config.sequence_parallel:
+            with tp_rng():
+                return F.dropout(x, p)
+        return F.dropout(x, p)
+
+    def rope(self, seq: int, device):
+        if self.config.position_embedding_type != "rope":
+            return None
+        return rotary_tables(seq, self.config.kv_channels, self.config.rotary_base, device)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            seq = x.shape[1]
+            x = self.embed(x)
+        else:
+            seq = x.shape[0] * (self.tp_size if self.config.sequence_parallel else 1)
+        rope = self.rope(seq, x.device)
+        for layer in self.layers:
+            x = layer(x, rope)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        if self.config.untie_embeddings_and_output_weights:
+            logits = self.output_layer(x)
+        else:
+            if self.config.sequence_parallel:
+                x = comm.all_gather_sequence(x, self.tp_group, dim=0)
+            else:
+                x = comm.copy_to_tp_region(x, self.tp_group)
+            logits = F.linear(x, self.head_weight())
+        logits = self.mask_padding(logits)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()
+
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padded vocabulary columns get -inf, so the padding (which grows with tp) never enters the softmax
+        and every tp layout computes the same loss."""
+        local = logits.shape[-1]
+        first_pad = self.config.vocab_size - dist.get_rank(self.tp_group) * local
+        if first_pad >= local:
+            return logits
+        pad = torch.arange(local, device=logits.device) >= first_pad
+        return logits.masked_fill(pad, float("-inf"))
+
+    @torch.no_grad()
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, vocab) logits with the padding columns dropped: for sampling and evaluation."""
+        logits = comm.gather_from_tp_region(self.forward(ids), self.tp_group, dim=-1)
+        return logits.transpose(0, 1)[..., : self.config.vocab_size]
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 40,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations (single pipeline stage only). Every tp rank draws the same tokens."""
+        was_training = self.training
+        self.eval()
+        for _ in range(new_tokens):
+            context = ids[:, -self.config.seq_length:]
+            if self.config.sequence_parallel and context.shape[1] % self.tp_size:
+                context = context[:, context.shape[1] % self.tp_size:]
+            logits = self.full_logits(context)[:, -1].float() / temperature
+            top = logits.topk(min(top_k, logits.shape[-1]))
+            probs = torch.zeros_like(logits).scatter_(-1, top.indices, top.values.softmax(-1))
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        self.train(was_training)
+        return ids
+
+
+def count_parameters(config: GPTConfig, tp: int = 1) -> dict:
+    """Parameter counts of the whole model: `total`, and `matmul` (weights used in matrix multiplies,
+    the output projection included), which the model-FLOPs formula counts."""
+    h, L, V = config.hidden_size, config.num_layers, config.padded_vocab_size(tp)
+    d, heads, groups, ffn = config.kv_channels, config.num_attention_heads, config.num_query_groups, config.ffn_hidden_size
+    attn = h * (heads + 2 * groups) * d + heads * d * h
+    mlp = h * ffn * (3 if config.swiglu else 2)
+    matmul = L * (attn + mlp) + V * h
+    bias = 0
+    if config.add_bias_linear:
+        bias = L * ((heads + 2 * groups) * d + h + (2 * ffn if config.swiglu else ffn) + h)
+    norms = (2 * L + 1) * h * (2 if config.normalization == "LayerNorm" else 1)
+    embed = V * h + (config.max_position_embeddings * h if config.position_embedding_type == "learned_absolute" else 0)
+    untied = V * h if config.untie_embeddings_and_output_weights else 0
+    return {"total": L * (attn + mlp) + bias + norms + embed + untied, "matmul": matmul}
