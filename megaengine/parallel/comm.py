@@ -193,12 +193,12 @@ class _ReduceScatterSequence(torch.autograd.Function):
 
 def copy_to_tp_region(x, group):
     """Identity forward; all-reduce of the gradient backward (the input of a column-parallel layer)."""
-    return _CopyToRegion.apply(x, group)
+    return x if _size(group) == 1 else _CopyToRegion.apply(x, group)
 
 
 def reduce_from_tp_region(x, group):
     """All-reduce forward; identity backward (the output of a row-parallel layer)."""
-    return _ReduceFromRegion.apply(x, group)
+    return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group)
 
 
 def scatter_to_tp_region(x, group, dim: int = -1):
@@ -213,12 +213,12 @@ def gather_from_tp_region(x, group, dim: int = -1):
 
 def all_gather_sequence(x, group, dim: int = 0):
     """Sequence parallel: all-gather sequence shards forward, reduce-scatter the gradient backward."""
-    return _AllGatherSequence.apply(x, group, dim % x.dim())
+    return x if _size(group) == 1 else _AllGatherSequence.apply(x, group, dim % x.dim())
 
 
 def reduce_scatter_sequence(x, group, dim: int = 0):
     """Sequence parallel: reduce-scatter partial sums into sequence shards forward, all-gather backward."""
-    return _ReduceScatterSequence.apply(x, group, dim % x.dim())
+    return x if _size(group) == 1 else _ReduceScatterSequence.apply(x, group, dim % x.dim())
 
 
 def scatter_sequence(x, group, dim: int = 0):

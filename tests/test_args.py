@@ -1,0 +1,82 @@
+"""Flag parsing and validation: every user mistake named with its flag, its value and the fix."""
+import json
+
+import pytest
+
+from megaengine.parallel import ConfigError
+from megaengine.training.args import parse_args, validate
+
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3"]
+
+
+def check(argv, world=4):
+    args = parse_args(BASE + argv)
+    validate(args, world)
+    return args
+
+
+@pytest.mark.parametrize("argv,world,needle", [
+    (["--tp", "3"], 4, "world size 4 is not divisible by tp x pp = 3 x 1"),
+    (["--tp", "0"], 4, "--tensor-model-parallel-size must be >= 1"),
+    (["--tp", "abc"], 4, "expects an integer, got 'abc'"),
+    (["--hidden-size", "sixty"], 4, "--hidden-size expects an integer"),
+    (["--tp", "2", "--pp", "4"], 4, "tp x pp = 2 x 4"),
+    (["--tp", "4", "--num-attention-heads", "6", "--hidden-size", "96"], 4, "--num-attention-heads=6 must be divisible by tensor-parallel size 4"),
+    (["--tp", "2", "--num-query-groups", "1"], 4, "--num-query-groups=1 must be divisible by tensor-parallel size 2"),
+    (["--num-attention-heads", "5"], 1, "--hidden-size=64 must be divisible by --num-attention-heads (5)"),
+    (["--global-batch-size", "6"], 4, "--global-batch-size=6 is not divisible by --micro-batch-size x data-parallel size = 2 x 4 = 8"),
+    (["--max-position-embeddings", "16"], 1, "--seq-length=32 exceeds --max-position-embeddings (16)"),
+    (["--tp", "4", "--sequence-parallel", "--seq-length", "30", "--max-position-embeddings", "30"], 4,
+     "--seq-length=30 must be divisible by tensor-parallel size 4"),
+    (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are both set"),
+    (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no checkpoint there"),
+    (["--data-path", "foo"], 1, "--data-path needs --tokenizer-model"),
+    (["--tokenizer-model", "/nonexistent/tok.model"], 1, "--tokenizer-model /nonexistent/tok.model: no such file"),
+    (["--hidden-dropout", "1.5"], 1, "--hidden-dropout=1.5 must be in [0, 1)"),
+    (["--lr-decay-style", "exp"], 1, "invalid choice: 'exp'"),
+    (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_input_names_flag_value_and_fix(argv, world, needle):
+    with pytest.raises(ConfigError) as e:
+        check(argv, world)
+    assert needle in str(e.value)
+
+
+def test_missing_required_flags_point_to_presets():
+    with pytest.raises(ConfigError, match="missing --num-layers.*configs/gpt-tiny.json"):
+        parse_args(["--tp", "2"])
+
+
+def test_preset_is_overridden_by_flags(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"num_layers": 7, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+                                  "micro_batch_size": 1, "global_batch_size": 4, "train_iters": 5, "lr": 1e-3}))
+    args = parse_args(["--config", str(preset), "--num-layers", "3"])
+    assert (args.num_layers, args.hidden_size, args.train_iters) == (3, 64, 5)
+
+
+def test_preset_typo_suggests_the_key(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"num_layer": 2}))
+    with pytest.raises(ConfigError, match="unknown key 'num_layer'. Did you mean 'num_layers'"):
+        parse_args(["--config", str(preset)])
+
+
+def test_preset_bad_json_reports_line_and_column(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text('{\n  "num_layers": 2,\n  "hidden_size": ,\n}')
+    with pytest.raises(ConfigError, match=r"invalid JSON at line 3 column 18"):
+        parse_args(["--config", str(preset)])
+
+
+def test_shipped_presets_parse_and_validate():
+    import glob
+    for path in sorted(glob.glob("configs/*.json")):
+        args = parse_args(["--config", path])
+        validate(args, world_size=1)
+
+
+def test_good_layout_passes():
+    args = check(["--tp", "2", "--sequence-parallel"], world=4)
+    assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
