@@ -15,9 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-
-class ConfigError(ValueError):
-    """A user mistake in flags or files. Reported once from rank 0 without a traceback."""
+from megaengine.errors import ConfigError
 
 
 @dataclass
@@ -34,6 +32,9 @@ class ParallelState:
     dp_size: int
     device: torch.device
     seed: int
+    # First and last pipeline stage of this rank's pipeline: they hold the two copies of tied word
+    # embeddings and sum their gradients over it. None when pp == 1 (one copy).
+    embedding_group: dist.ProcessGroup | None = None
 
     @property
     def rank(self) -> int:
@@ -110,18 +111,31 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str 
               else torch.device("cpu"))
     mesh = init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
     tp_group, pp_group, dp_group = (mesh.get_group(n) for n in ("tp", "pp", "dp"))
+    embedding_group = _embedding_group(mesh.mesh, pp) if pp > 1 else None
     _STATE = ParallelState(
         mesh=mesh, tp_group=tp_group, pp_group=pp_group, dp_group=dp_group,
         tp_rank=mesh.get_local_rank("tp"), tp_size=tp,
         pp_rank=mesh.get_local_rank("pp"), pp_size=pp,
         dp_rank=mesh.get_local_rank("dp"), dp_size=dp,
-        device=device, seed=seed)
+        device=device, seed=seed, embedding_group=embedding_group)
     # The same seed everywhere: weights are created whole and sliced, so every rank must draw the same numbers.
     # The tp-region dropout stream is forked per tp rank by tensor_parallel.random.
     seed_everything(seed)
     from megaengine.tensor_parallel.random import model_parallel_seed
     model_parallel_seed(seed, _STATE.tp_rank, _STATE.pp_rank)
     return _STATE
+
+
+def _embedding_group(ranks: torch.Tensor, pp: int):
+    """Every rank takes part in creating every group (a collective), then keeps the one it belongs to."""
+    me, mine = dist.get_rank(), None
+    for d in range(ranks.shape[0]):
+        for t in range(ranks.shape[2]):
+            members = [int(ranks[d, 0, t]), int(ranks[d, pp - 1, t])]
+            group = dist.new_group(members)
+            if me in members:
+                mine = group
+    return mine
 
 
 def get_state() -> ParallelState:
