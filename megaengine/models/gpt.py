@@ -287,6 +287,8 @@ class GPT(nn.Module):
             self.word_embeddings = VocabParallelEmbedding(
                 self.vocab_size, h, group, sequence_parallel=sp and not self.learned_positions,
                 init_method=seeded_init(seed, "word_embeddings", std, config.vocab_size))
+            if not post_process and not config.untie_embeddings_and_output_weights:
+                self.word_embeddings.weight.shared_embedding = True  # its twin lives on the last stage
             if self.learned_positions:
                 self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
                 seeded_init(seed, "position_embeddings", std)(self.position_embeddings.weight.data)

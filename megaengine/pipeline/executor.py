@@ -256,3 +256,28 @@ def _leaf_params(leads: dict, x: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors (other than x) whose gradients the graph accumulates."""
     x_node = get_gradient_edge(x).node
     return [node.variable for node in leads if hasattr(node, "variable") and node is not x_node]
+
+
+# ---- forward only (evaluation, sampling) ----
+
+@torch.no_grad()
+def forward_only(chunks: list[torch.nn.Module], *, pp_group, forward_step, tensor_shape, dtype, device):
+    """One micro-batch through every virtual stage in order, no autograd: for evaluation and sampling.
+
+    Chunk c of rank r is virtual stage c * pp + r, so activations go round the ring chunk by chunk with
+    blocking send/recv. Returns forward_step's output of the last virtual stage on that rank, else None.
+    """
+    rank, size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
+    prev = dist.get_global_rank(pp_group, (rank - 1) % size)
+    nxt = dist.get_global_rank(pp_group, (rank + 1) % size)
+    out = None
+    for c, chunk in enumerate(chunks):
+        x = None
+        if not is_first(rank, c):
+            x = torch.empty(tensor_shape, dtype=dtype, device=device)
+            dist.recv(x, prev, group=pp_group)
+        out = forward_step(c, chunk, x)
+        if not is_last(rank, c, size, len(chunks)):
+            dist.send(out.contiguous(), nxt, group=pp_group)
+            out = None
+    return out

@@ -72,11 +72,54 @@ def check_token_range(dataset, vocab_size: int, args) -> None:
                           f"{vocab_size} tokens: the data was encoded with another tokenizer.")
 
 
-def build_model(config, state, args):
+def param_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def virtual_stages(args) -> int:
+    per_stage = args.num_layers_per_virtual_pipeline_stage
+    if not per_stage:
+        return 1
+    v, rest = divmod(args.num_layers, args.pipeline_model_parallel_size * per_stage)
+    if rest or v < 1:
+        raise ConfigError(f"--num-layers={args.num_layers} is not divisible by --pipeline-model-parallel-size x "
+                          f"--num-layers-per-virtual-pipeline-stage = {args.pipeline_model_parallel_size} x {per_stage}.")
+    return v
+
+
+def build_model_chunks(config, state, args) -> list:
+    """This rank's model chunks: one GPT per virtual pipeline stage, chunk c holding virtual stage c*pp + r."""
     from megaengine.models import GPT
-    model = GPT(config, state.tp_group)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    return model.to(device=state.device, dtype=dtype)
+    from megaengine.pipeline.partition import layer_ranges
+    v, pp, r = virtual_stages(args), state.pp_size, state.pp_rank
+    ranges = layer_ranges(config.num_layers, pp, v)[r]
+    chunks = [GPT(config, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
+                  post_process=(r == pp - 1 and c == v - 1)) for c in range(v)]
+    return [c.to(device=state.device, dtype=param_dtype(args)) for c in chunks]
+
+
+@dataclass
+class PipelinePlan:
+    """This rank's action list and what the executor needs to size its receive buffers."""
+    actions: list
+    tensor_shape: tuple
+    dtype: torch.dtype
+    timeout_s: float
+
+
+def plan_pipeline(args, state, config, num_micro: int) -> PipelinePlan | None:
+    if state.pp_size == 1:
+        return None
+    from megaengine.pipeline import schedules
+    v = virtual_stages(args)
+    name = args.pipeline_schedule or ("interleaved" if v > 1 else "1f1b")
+    if v > 1 and name != "interleaved":
+        raise ConfigError(f"--num-layers-per-virtual-pipeline-stage makes {v} virtual stages, which needs "
+                          f"--pipeline-schedule interleaved (got {name}).")
+    actions = schedules.build(name, state.pp_size, num_micro, v)[state.pp_rank]
+    seq = config.seq_length // state.tp_size if config.sequence_parallel else config.seq_length
+    return PipelinePlan(actions, (seq, args.micro_batch_size, config.hidden_size), param_dtype(args),
+                        60.0 * args.distributed_timeout_minutes)
 
 
 def build_optimizer(model_chunks, args, state):
@@ -89,33 +132,85 @@ def build_optimizer(model_chunks, args, state):
         reduce_bucket_size=args.ddp_bucket_size, overlap_comm=args.overlap_grad_reduce)
 
 
-def train_step(model, optimizer, loader, num_microbatches: int, device) -> float:
-    """Forward and backward over the iteration's micro-batches, then one optimizer step.
-    Returns this rank's mean loss over its micro-batches."""
+def next_batches(loader, n: int, device) -> list:
+    return [tuple(t.to(device) for t in loader.next_microbatch()) for _ in range(n)]
+
+
+def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> torch.Tensor:
+    """Forward and backward over the iteration's micro-batches, gradients reduced and ready for step().
+    Returns this rank's share of the iteration's mean loss (zero on pipeline stages without the loss)."""
     optimizer.zero_grad()
-    total = torch.zeros((), device=device)
-    for i in range(num_microbatches):
-        tokens, labels = (t.to(device) for t in loader.next_microbatch())
-        optimizer.set_is_last_microbatch(i == num_microbatches - 1)
-        loss = model(tokens, labels).float().mean() / num_microbatches
-        optimizer.scale_loss(loss).backward()
-        total += loss.detach()
+    n = len(batches)
+    total = torch.zeros((), device=state.device)
+    if plan is None:
+        model = chunks[0]
+        for i, (tokens, labels) in enumerate(batches):
+            optimizer.set_is_last_microbatch(i == n - 1)  # its backward overlaps with the dp reduction
+            loss = model(tokens, labels).float().mean() / n
+            optimizer.scale_loss(loss).backward()
+            total += loss.detach()
+        return total
+
+    from megaengine.pipeline.executor import run_pipeline
+
+    def forward_step(chunk_index, module, x, mb):
+        tokens, labels = batches[mb]
+        out = module(tokens if module.pre_process else x, labels if module.post_process else None)
+        if not module.post_process:
+            return out
+        loss = out.float().mean() / n
+        total.add_(loss.detach())
+        return optimizer.scale_loss(loss)
+
+    # Gradients finish at different times on different stages: reduce them all after the last backward.
+    optimizer.set_is_last_microbatch(False)
+    run_pipeline(plan.actions, chunks, pp_group=state.pp_group, forward_step=forward_step, num_microbatches=n,
+                 tensor_shape=plan.tensor_shape, dtype=plan.dtype, device=state.device, timeout=plan.timeout_s)
+    optimizer.finish_grad_sync()
+    sync_tied_embeddings(chunks, optimizer, state)
     return total
 
 
+def sync_tied_embeddings(chunks, optimizer, state) -> None:
+    """First and last stage each hold the tied word embedding: sum their gradients so both copies take the
+    same step and never drift (Megatron's embedding group)."""
+    if state.embedding_group is None:
+        return
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if getattr(p, "shared_embedding", False) or getattr(p, "shared_embedding_copy", False):
+                comm.all_reduce(optimizer.main_grad(p), state.embedding_group)
+
+
 @torch.no_grad()
-def evaluate(model, dataset, args, state) -> float:
+def evaluate(chunks, dataset, args, state, plan: PipelinePlan | None) -> float:
     from megaengine.data import MicroBatchLoader
-    model.eval()
+    from megaengine.pipeline.executor import forward_only
+    for c in chunks:
+        c.eval()
     loader = MicroBatchLoader(dataset, args.micro_batch_size, state.dp_rank, state.dp_size)
     total = torch.zeros((), device=state.device)
     steps = args.eval_iters * (args.global_batch_size // (args.micro_batch_size * state.dp_size))
-    for _ in range(steps):
-        tokens, labels = (t.to(state.device) for t in loader.next_microbatch())
-        total += model(tokens, labels).float().mean()
-    model.train()
-    comm.all_reduce(total, state.dp_group)
+    for tokens, labels in next_batches(loader, steps, state.device):
+        if plan is None:
+            total += chunks[0](tokens, labels).float().mean()
+            continue
+        out = forward_only(chunks, pp_group=state.pp_group, tensor_shape=plan.tensor_shape, dtype=plan.dtype,
+                           device=state.device,
+                           forward_step=lambda c, m, x: m(tokens if m.pre_process else x,
+                                                          labels if m.post_process else None))
+        if out is not None:
+            total += out.float().mean()
+    for c in chunks:
+        c.train()
+    reduce_loss(total, state)
     return total.item() / (steps * state.dp_size)
+
+
+def reduce_loss(total: torch.Tensor, state) -> None:
+    """Sum a loss over dp, and over pp where only the last stage holds it (zeros elsewhere)."""
+    comm.all_reduce(total, state.dp_group)
+    comm.all_reduce(total, state.pp_group)
 
 
 def rng_state() -> dict:
@@ -133,14 +228,15 @@ def set_rng_state(s: dict) -> None:
 
 
 def layout(args, state) -> dict:
-    return {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size}
+    return {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size, "virtual_stages": virtual_stages(args),
+            "zero_stage": 1 if args.use_distributed_optimizer else 0}
 
 
-def save_checkpoint(args, iteration, model, optimizer, loader, config, state) -> None:
+def save_checkpoint(args, iteration, chunks, optimizer, loader, config, state) -> None:
     meta = {"iteration": iteration, "consumed_samples": loader.consumed_samples, "layout": layout(args, state),
             "model": config.to_dict(), "args": {k: v for k, v in vars(args).items()}}
-    rank_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                  "loader": loader.state_dict(), "iteration": iteration}
+    rank_state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer.state_dict(),
+                  "rng": rng_state(), "loader": loader.state_dict(), "iteration": iteration}
     path = checkpoint.save(args.save, iteration, rank_state, meta)
     if dist.get_rank() == 0:
         print(f"saved checkpoint {path}", flush=True)
@@ -155,13 +251,14 @@ def resume_from(args) -> str | None:
     return None
 
 
-def load_checkpoint(root, args, model, optimizer, loader, config, state) -> int:
+def load_checkpoint(root, args, chunks, optimizer, loader, config, state) -> int:
     iteration, meta = checkpoint.load_meta(root)
     path = checkpoint.iteration_dir(root, iteration)
     checkpoint.check_layout(meta, layout(args, state), path)
     checkpoint.check_model_config(meta, config.to_dict(), path)
     rank_state = checkpoint.load_rank_state(root, iteration)
-    model.load_state_dict(rank_state["model"])
+    for chunk, saved in zip(chunks, rank_state["model"]):
+        chunk.load_state_dict(saved)
     optimizer.load_state_dict(rank_state["optimizer"])
     loader.load_state_dict(rank_state["loader"])
     set_rng_state(rank_state["rng"])
@@ -170,31 +267,54 @@ def load_checkpoint(root, args, model, optimizer, loader, config, state) -> int:
     return iteration
 
 
-def sample_text(model, tokenizer, args, state) -> None:
+@torch.no_grad()
+def sample_text(chunks, tokenizer, args, state, config) -> None:
+    """Sample a continuation of a prompt; with pp > 1 each token goes through the pipeline and the last stage
+    broadcasts it to the others."""
     if args.sample_tokens <= 0:
         return
+    from megaengine.pipeline.executor import forward_only
     prompt = "def main("
     ids = torch.tensor([[tokenizer.bos] + tokenizer.encode(prompt)], device=state.device)
     g = torch.Generator(device=state.device).manual_seed(args.seed)
-    out = model.generate(ids, args.sample_tokens, generator=g)
+    for c in chunks:
+        c.eval()
+    last = chunks[-1]
+    for _ in range(args.sample_tokens):
+        context = ids[:, -config.seq_length:]
+        if config.sequence_parallel:  # sequence shards must divide evenly
+            context = context[:, context.shape[1] % state.tp_size:]
+        seq = context.shape[1] // (state.tp_size if config.sequence_parallel else 1)
+        hidden = forward_only(chunks, pp_group=state.pp_group, tensor_shape=(seq, 1, config.hidden_size),
+                              dtype=param_dtype(args), device=state.device,
+                              forward_step=lambda c, m, x: m(context if m.pre_process else x))
+        token = torch.zeros((1, 1), dtype=torch.long, device=state.device)
+        if hidden is not None:
+            logits = comm.gather_from_tp_region(hidden, state.tp_group, dim=-1)[-1, :, :config.vocab_size]
+            probs = (logits.float() / 0.8).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=g)
+        if state.pp_size > 1:
+            comm.broadcast(token, state.pp_global_rank(state.pp_size - 1), state.pp_group)
+        ids = torch.cat([ids, token], dim=1)
+    for c in chunks:
+        c.train()
     if dist.get_rank() == 0:
-        print("sample:\n" + prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist()), flush=True)
+        print("sample:\n" + prompt + tokenizer.decode(ids[0, len(tokenizer.encode(prompt)) + 1:].tolist()), flush=True)
 
 
 def train(args) -> None:
     state = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                 backend=args.distributed_backend, seed=args.seed,
                                 timeout_minutes=args.distributed_timeout_minutes)
-    if state.pp_size > 1:
-        raise ConfigError("--pipeline-model-parallel-size > 1 is not supported yet.")
     is_rank0 = dist.get_rank() == 0
     data = build_data(args, state)
     if args.data_path:
         check_token_range(data.train, data.tokenizer.vocab_size, args)
     config = model_config(args, data.tokenizer.vocab_size)
-    model = build_model(config, state, args)
-    optimizer = build_optimizer([model], args, state)
+    chunks = build_model_chunks(config, state, args)
+    optimizer = build_optimizer(chunks, args, state)
     num_micro = args.global_batch_size // (args.micro_batch_size * state.dp_size)
+    plan = plan_pipeline(args, state, config, num_micro)
 
     from megaengine.data import MicroBatchLoader
     from megaengine.models import count_parameters
@@ -202,7 +322,7 @@ def train(args) -> None:
     iteration = 0
     root = resume_from(args)
     if root:
-        iteration = load_checkpoint(root, args, model, optimizer, loader, config, state)
+        iteration = load_checkpoint(root, args, chunks, optimizer, loader, config, state)
 
     counts = count_parameters(config, state.tp_size)
     tokens_per_iter = args.global_batch_size * args.seq_length
@@ -216,14 +336,15 @@ def train(args) -> None:
               f"dp {state.dp_size} | {num_micro} micro-batches of {args.micro_batch_size} x {args.seq_length} "
               f"tokens per rank per step | vocab {config.vocab_size} | {state.device}", flush=True)
 
-    model.train()
+    for c in chunks:
+        c.train()
     decay_iters = args.lr_decay_iters or args.train_iters
     window_loss, window_steps, window_time, skipped = torch.zeros((), device=state.device), 0, 0.0, 0
     while iteration < args.train_iters:
         lr = learning_rate(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
                            decay_iters=decay_iters, style=args.lr_decay_style)
         start = time.monotonic()
-        window_loss += train_step(model, optimizer, loader, num_micro, state.device)
+        window_loss += train_step(chunks, optimizer, next_batches(loader, num_micro, state.device), plan, state)
         grad_norm, was_skipped = optimizer.step(lr)
         iteration += 1
         window_steps += 1
@@ -231,7 +352,7 @@ def train(args) -> None:
         window_time += time.monotonic() - start
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            comm.all_reduce(window_loss, state.dp_group)
+            reduce_loss(window_loss, state)
             loss = window_loss.item() / (window_steps * state.dp_size)
             logger.log(iteration, loss=loss, lr=lr, grad_norm=grad_norm, iter_seconds=window_time / window_steps,
                        skipped=skipped)
@@ -239,14 +360,14 @@ def train(args) -> None:
             window_steps, window_time = 0, 0.0
         if data.valid is not None and args.eval_iters > 0 and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            logger.log_eval(iteration, evaluate(model, data.valid, args, state))
+            logger.log_eval(iteration, evaluate(chunks, data.valid, args, state, plan))
         exiting = args.exit_interval and iteration % args.exit_interval == 0
         if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters or exiting):
-            save_checkpoint(args, iteration, model, optimizer, loader, config, state)
+            save_checkpoint(args, iteration, chunks, optimizer, loader, config, state)
         if exiting:
             if is_rank0:
                 print(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})", flush=True)
             break
     logger.close()
-    sample_text(model, data.tokenizer, args, state)
+    sample_text(chunks, data.tokenizer, args, state, config)

@@ -13,7 +13,7 @@ TOL = 1e-5
 
 
 def model_flags(prefix, tokenizer, **over):
-    flags = {"num-layers": 2, "hidden-size": 32, "num-attention-heads": 4, "seq-length": 16,
+    flags = {"num-layers": 8, "hidden-size": 32, "num-attention-heads": 4, "seq-length": 16,
              "micro-batch-size": 2, "global-batch-size": 8, "train-iters": 5, "lr": 3e-3, "lr-warmup-iters": 2,
              "hidden-dropout": 0.0, "attention-dropout": 0.0, "make-vocab-size-divisible-by": 8,
              "log-interval": 1, "eval-interval": 1000, "eval-iters": 0, "sample-tokens": 0, "seed": 7}
@@ -50,6 +50,13 @@ LAYOUTS = {
     "tp4": (4, {"tp": 4}),
     "tp2-sp-dp2": (4, {"tp": 2, "sequence-parallel": True}),
     "dp2-zero1": (2, {"use-distributed-optimizer": True}),
+    "pp2": (2, {"pp": 2}),
+    "tp2-pp2": (4, {"tp": 2, "pp": 2}),
+    "tp2-pp2-dp2": (8, {"tp": 2, "pp": 2}),
+    "pp4-interleaved-v2": (4, {"pp": 4, "num-layers-per-virtual-pipeline-stage": 1}),
+    "pp2-zb-h1": (2, {"pp": 2, "pipeline-schedule": "zb-h1"}),
+    "tp2-pp2-sp": (4, {"tp": 2, "pp": 2, "sequence-parallel": True}),
+    "pp2-gpipe-zero1": (4, {"pp": 2, "pipeline-schedule": "gpipe", "use-distributed-optimizer": True}),
 }
 
 

@@ -1,0 +1,226 @@
+"""Fused kernels on a CUDA GPU, side by side with what torch ships, as ratios ours / theirs.
+
+    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels-<device>.md]
+
+Attention (bf16, batch x seq = 16K tokens, heads x head_dim = 2048): forward and forward+backward TFLOP/s of
+megaengine's Triton flash attention against torch SDPA's flash, memory-efficient and cuDNN backends, at seq
+1K-16K, head dim 64 and 128, causal and not. FLOPs: forward 4 b h s^2 d (halved when causal), backward 2.5x
+the forward (recomputation not counted), as FlashAttention's benchmarks count them.
+
+LayerNorm and RMSNorm (bf16, 16K rows): forward+backward GB/s of ours (Triton, CUDA extension) against torch
+eager and torch.compile, next to the device-to-device copy bandwidth measured here. Bytes: x read and y
+written by the forward, x and dy read and dx written by the backward (10 bytes per element in bf16), weights
+and statistics not counted.
+
+Writes a dated markdown table with the device name. Needs a CUDA GPU: on CPU it says so and exits with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import sys
+
+import torch
+
+SEQS = (1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (64, 128)
+TOKENS = 16384
+ATTN_HIDDEN = 2048
+NORM_ROWS = 16384
+NORM_HIDDEN = (1024, 2048, 4096, 8192, 16384, 65536)
+
+
+def attention_flops(batch, heads, seq, head_dim, causal, backward):
+    fwd = 4 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
+    return fwd * (3.5 if backward else 1.0)
+
+
+def norm_bytes(rows, hidden, element_size):
+    return 5 * rows * hidden * element_size
+
+
+def bench_ms(fn, grads=None):
+    """Mean milliseconds per call; one untimed call first, so autotuning and compilation stay out."""
+    from triton.testing import do_bench
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=10, rep=50, grad_to_none=grads)
+
+
+def copy_bandwidth_gbs():
+    """Device-to-device copy of 1 GiB, counting bytes read and written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def sdpa_runner(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def attention_runners():
+    from torch.nn.attention import SDPBackend
+
+    from megaengine.kernels import flash_attention
+    return {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, backend="triton"),
+            "sdpa-flash": sdpa_runner(SDPBackend.FLASH_ATTENTION),
+            "sdpa-efficient": sdpa_runner(SDPBackend.EFFICIENT_ATTENTION),
+            "sdpa-cudnn": sdpa_runner(SDPBackend.CUDNN_ATTENTION)}
+
+
+def time_attention(run, seq, head_dim, causal, backward):
+    """TFLOP/s, or an error string when this implementation refuses the shape."""
+    batch, heads = TOKENS // seq, ATTN_HIDDEN // head_dim
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=backward) for _ in range(3))
+    try:
+        if backward:
+            do = torch.randn_like(q)
+            ms = bench_ms(lambda: run(q, k, v, causal).backward(do), grads=[q, k, v])
+        else:
+            with torch.no_grad():
+                ms = bench_ms(lambda: run(q, k, v, causal))
+    except (RuntimeError, ValueError) as error:
+        return f"n/a ({str(error).splitlines()[0][:40]})"
+    return attention_flops(batch, heads, seq, head_dim, causal, backward) / ms / 1e9
+
+
+def norm_runners():
+    import torch.nn.functional as F
+
+    from megaengine.kernels import layer_norm, rms_norm
+    from megaengine.kernels.cuda import unavailable_reason
+
+    def ln_torch(x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+    def rms_torch(x, w, b):
+        return F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+    runners = {
+        "layernorm": {"ours-triton": lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="triton"),
+                      "ours-cuda": lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="cuda"),
+                      "torch": ln_torch, "torch.compile": torch.compile(ln_torch)},
+        "rmsnorm": {"ours-triton": lambda x, w, b: rms_norm(x, w, 1e-6, backend="triton"),
+                    "ours-cuda": lambda x, w, b: rms_norm(x, w, 1e-6, backend="cuda"),
+                    "torch": rms_torch, "torch.compile": torch.compile(rms_torch)},
+    }
+    reason = unavailable_reason(torch.empty(0, device="cuda"))
+    if reason is not None:
+        for table in runners.values():
+            table["ours-cuda"] = reason
+    return runners
+
+
+def time_norm(run, hidden):
+    """Forward+backward GB/s, or an error string."""
+    if isinstance(run, str):
+        return f"n/a ({run[:40]})"
+    x = torch.randn(NORM_ROWS, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    try:
+        ms = bench_ms(lambda: run(x, w, b).backward(dy), grads=[x, w, b])
+    except Exception as error:  # a backend that cannot build or run is reported, not fatal
+        return f"n/a ({str(error).splitlines()[0][:40]})"
+    return norm_bytes(NORM_ROWS, hidden, x.element_size()) / ms / 1e6
+
+
+def fmt(value):
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
+def ratio(ours, theirs):
+    return f"{ours / theirs:.2f}" if isinstance(ours, float) and isinstance(theirs, float) else "-"
+
+
+def attention_table(seqs, head_dims):
+    runners = attention_runners()
+    others = [name for name in runners if name != "ours"]
+    head = (["pass", "head_dim", "causal", "seq"] + list(runners) + [f"ours/{n}" for n in others])
+    rows = []
+    for backward in (False, True):
+        for head_dim in head_dims:
+            for causal in (False, True):
+                for seq in seqs:
+                    got = {name: time_attention(run, seq, head_dim, causal, backward) for name, run in runners.items()}
+                    row = ["fwd+bwd" if backward else "fwd", head_dim, causal, seq]
+                    row += [fmt(got[n]) for n in runners] + [ratio(got["ours"], got[n]) for n in others]
+                    rows.append(row)
+                    print(" | ".join(map(str, row)), flush=True)
+    return head, rows
+
+
+def norm_table(hiddens, copy_gbs):
+    head = ["kernel", "hidden", "ours-triton", "ours-cuda", "torch", "torch.compile", "triton/torch",
+            "triton/compile", "cuda/torch", "cuda/compile", "triton/copy"]
+    rows = []
+    for kernel, runners in norm_runners().items():
+        for hidden in hiddens:
+            got = {name: time_norm(run, hidden) for name, run in runners.items()}
+            row = [kernel, hidden] + [fmt(got[n]) for n in ("ours-triton", "ours-cuda", "torch", "torch.compile")]
+            row += [ratio(got["ours-triton"], got["torch"]), ratio(got["ours-triton"], got["torch.compile"]),
+                    ratio(got["ours-cuda"], got["torch"]), ratio(got["ours-cuda"], got["torch.compile"]),
+                    ratio(got["ours-triton"], copy_gbs)]
+            rows.append(row)
+            print(" | ".join(map(str, row)), flush=True)
+    return head, rows
+
+
+def markdown(head, rows):
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="seq 1K and 4K, head dim 128, hidden 4K and 64K only")
+    ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/kernels-<device>.md)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU (none found); nothing was measured.", file=sys.stderr)
+        sys.exit(2)
+
+    import triton
+    device = torch.cuda.get_device_name()
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    seqs, head_dims, hiddens = ((1024, 4096), (128,), (4096, 65536)) if args.quick else (SEQS, HEAD_DIMS,
+                                                                                           NORM_HIDDEN)
+    print(f"device: {device}")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written)")
+    print("attention TFLOP/s (bf16)")
+    attn = attention_table(seqs, head_dims)
+    print("norms forward+backward GB/s (bf16)")
+    norms = norm_table(hiddens, copy_gbs)
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([
+        f"# Fused kernels on {device}", "",
+        f"Date: {date}. Device: {device}. torch {torch.__version__}, triton {triton.__version__}, "
+        f"CUDA {torch.version.cuda}. Produced by `python benchmarks/kernels.py{' --quick' if args.quick else ''}`.",
+        "", "## Attention TFLOP/s (bf16, batch x seq = 16K tokens, heads x head_dim = 2048)", "",
+        "FLOPs: forward 4 b h s^2 d (half when causal); forward+backward 3.5x that. Ratios are ours / theirs.",
+        "", markdown(*attn), "",
+        "## LayerNorm / RMSNorm forward+backward GB/s (bf16, 16K rows)", "",
+        f"Device-to-device copy measured here: {copy_gbs:.0f} GB/s (bytes read + written). Bytes counted: "
+        "x, y, dy, dx (10 per element); ratios are ours / theirs and ours / copy.", "",
+        markdown(*norms), ""])
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{slug}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""What the kernel files share: backend selection, the optional triton import, the interpreter check that
+decides whether Triton may run on CPU tensors, launch-size helpers and the per-architecture autotuning prune."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from megaengine.errors import ConfigError
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # triton ships for Linux only; the torch references still work elsewhere
+    HAS_TRITON = False
+
+    class _Absent:
+        """Stands in for triton / triton.language so the kernel files import; nothing here can launch."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def autotune(*_, **__):
+            return lambda f: f
+
+        @staticmethod
+        def Config(*_, **__):
+            return None
+
+    triton = tl = _Absent()
+
+
+def interpreted(kernel) -> bool:
+    """True when `kernel` was built by the Triton interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    if type(kernel).__name__ == "Autotuner":
+        kernel = kernel.fn
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_launchable(kernel, x: torch.Tensor) -> None:
+    """Raise a ConfigError saying why `kernel` cannot run on `x`'s device, if it cannot."""
+    if not HAS_TRITON:
+        raise ConfigError("kernel backend 'triton' needs the triton package (Linux only); use backend='torch'")
+    # The interpreter must have been on when triton itself was imported (its tl.sum, tl.max are jitted
+    # then), not only when this kernel was defined.
+    if x.device.type == "cuda" or (interpreted(kernel) and interpreted(tl.sum)):
+        return
+    raise ConfigError(
+        f"kernel backend 'triton' got {x.device.type} tensors: Triton runs on CUDA tensors, or on CPU tensors "
+        "under the Triton interpreter, which needs TRITON_INTERPRET=1 in the environment before triton is first "
+        "imported (megaengine.kernels, torch._dynamo and torch.compile import it); otherwise use "
+        "backend='torch' on CPU")
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def prune_by_arch(pick):
+    """An early_config_prune for triton.autotune: keep `pick(major, args)`, the configs for this GPU
+    generation (Hopper is major 9, Ampere 8) and these arguments, out of the full list."""
+    def prune(configs, nargs, **kwargs):
+        major = _capability(torch.cuda.current_device())[0]
+        wanted = pick(major, {**nargs, **kwargs})
+        kept = [c for c in configs if any(c is w for w in wanted)]
+        return kept or configs
+    return prune
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def resolve_backend(backend, x: torch.Tensor, allowed: tuple) -> str:
+    """None picks Triton for CUDA tensors and torch elsewhere; anything outside `allowed` is a ConfigError."""
+    if backend is None:
+        return "triton" if x.is_cuda and HAS_TRITON else "torch"
+    if backend not in allowed:
+        raise ConfigError(f"kernel backend {backend!r} is not one of {', '.join(map(repr, allowed))} here; pass one "
+                          "of those, or None for the best available")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Row-wise norms (layernorm.py, rmsnorm.py)
+# ----------------------------------------------------------------------------------------------------------
+
+ONE_PASS_MAX = 16384  # forward rows up to this many elements stay in registers
+ONE_PASS_MAX_BWD = 8192  # the backward also holds weight and two partial-sum rows
+CHUNK = 4096
+INTERPRET_PROGRAMS = 4  # backward programs under the interpreter: several rows each, the last one short
+
+
+def row_block(n: int, one_pass_max: int, block_n: Optional[int] = None) -> tuple[int, bool]:
+    """(BLOCK_N, ONE_PASS): the whole row in one block when it fits, else CHUNK-wide pieces."""
+    if block_n is None:
+        block_n = next_power_of_2(n) if n <= one_pass_max else CHUNK
+    return block_n, block_n >= n
+
+
+def backward_programs(kernel, x: torch.Tensor, rows: int) -> tuple[int, int]:
+    """(programs, rows per program) for the backward: a few per SM, each owning one partial-sum row."""
+    target = INTERPRET_PROGRAMS if interpreted(kernel) or not x.is_cuda else 2 * sm_count(x.device.index or 0)
+    per_program = cdiv(rows, max(1, min(rows, target)))
+    return cdiv(rows, per_program), per_program
+
+
+def check_norm_args(x, weight, bias, name):
+    n = x.shape[-1]
+    if weight.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"{name}: weight {tuple(weight.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} must be ({n},), the last dim of x")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name} kernels support fp16, bf16 and fp32 inputs, got {x.dtype}; use backend='torch'")
+
+
+def _warps(shapes):
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in shapes]
+
+
+# (num_warps, num_stages) by GPU generation; stages > 1 pipeline the backward's loop over rows.
+_NORM_CONFIGS = {
+    "fwd": {"hopper": _warps([(4, 1), (8, 1), (16, 1)]), "ampere": _warps([(4, 1), (8, 1), (16, 1)])},
+    "bwd": {"hopper": _warps([(4, 2), (8, 2), (16, 2), (8, 3)]), "ampere": _warps([(4, 1), (8, 1), (8, 2), (16, 1)])},
+}
+
+
+def norm_configs(kind: str) -> dict:
+    """triton.autotune keyword arguments for a norm kernel ("fwd" or "bwd")."""
+    table = _NORM_CONFIGS[kind]
+    return dict(configs=table["hopper"] + table["ampere"], key=["N", "BLOCK_N"],
+                prune_configs_by={"early_config_prune": prune_by_arch(
+                    lambda major, args: table["hopper" if major >= 9 else "ampere"])})
+
+
+def launch(kernel, tuned, grid, args, meta):
+    """Run the autotuned wrapper on CUDA, the plain kernel (one config) under the interpreter."""
+    if interpreted(kernel):
+        kernel[grid](*args, **meta)
+    else:
+        tuned[grid](*args, **meta)

@@ -1,0 +1,192 @@
+"""ZeRO stage 3: parameters sharded over dp, gathered around each module's forward and backward.
+
+A unit is one module's own parameters larger than `param_persistence_threshold` (smaller ones stay whole and
+are treated as in stage 2). A unit is a `Bucket` whose flat tensor exists only while gathered; between uses
+the rank keeps its 1/dp `shard`, the parameters are empty tensors (so a stray use fails loudly) and the flat
+tensor's storage is resized to zero. Storage resizing (as FSDP does) keeps the views autograd saved in
+forward valid: the backward pre-hook refills the same storage.
+
+Gathers: forward pre-hook (then the next units in first-forward order are prefetched, up to
+`prefetch_numel` elements and `max_live_numel` live), forward post-hook releases; backward pre-hook gathers
+again (prefetching the previous units), and the unit is released when all its gradients have arrived (the
+reducer's `on_grads_ready`). A parameter used outside its module's forward (a tied output embedding read by
+the parent) must be announced with `register_external_parameter(module, param)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from megaengine.parallel import comm
+from megaengine.zero.buffers import Bucket
+
+FREE, GATHERING, READY = "free", "gathering", "ready"
+
+# The first layer's inputs never require grad; its backward pre-hook still fires, which is all we need.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                                          "to module outputs")
+
+
+def split_persistent(chunks, params: list, threshold: int):
+    """(whole params, [(module, unit params)]): each non-persistent param belongs to its first owner module."""
+    trainable = {id(p) for p in params}
+    owned, units = set(), []
+    for chunk in chunks:
+        for module in chunk.modules():
+            own = [p for p in module.parameters(recurse=False)
+                   if id(p) in trainable and id(p) not in owned and p.numel() > threshold]
+            owned.update(id(p) for p in own)
+            if own:
+                units.append((module, own))
+    whole = [p for p in params if id(p) not in owned]
+    return whole, units
+
+
+class ParamGatherer:
+    def __init__(self, unit_modules: list, dp_group, first_index: int, *, prefetch_numel: int,
+                 max_live_numel: int):
+        self.dp_group = dp_group
+        size, rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+        self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
+        self.units: list[Bucket] = []
+        self.unit_of: dict[int, Bucket] = {}
+        self.uses: dict[int, list[Bucket]] = {}  # id(module) -> units its forward needs
+        for i, (module, params) in enumerate(unit_modules):
+            u = Bucket(first_index + i, params, size, rank)
+            u.shard = u.data[u.lo:u.hi].clone()
+            u.state, u.work, u.active = READY, None, 0  # active: modules inside their forward using it
+            self.units.append(u)
+            self.unit_of.update({id(p): u for p in params})
+        self.order: list[Bucket] = []  # units in first-forward order, frozen at the first backward
+        self.traced = False
+        self.pinned = False  # inside all_gathered(): nothing is released
+        self.live = sum(u.numel for u in self.units)
+        self.hooks = []
+        for module, _ in unit_modules:
+            self._hook(module)
+        self.release_all()
+
+    def _hook(self, module) -> None:
+        units = []
+        for p in module.parameters(recurse=False):
+            u = self.unit_of.get(id(p))
+            if u is not None and u not in units:
+                units.append(u)
+        self._install(module, units)
+
+    def _install(self, module, units: list) -> None:
+        self.uses[id(module)] = units
+        self.hooks += [module.register_forward_pre_hook(self._pre_forward),
+                       module.register_forward_hook(self._post_forward),
+                       module.register_full_backward_pre_hook(self._pre_backward)]
+
+    def hook_sharing_modules(self, chunks) -> None:
+        """Modules that hold another unit's parameter as their own (tied weights) gather that unit too."""
+        for chunk in chunks:
+            for module in chunk.modules():
+                if id(module) not in self.uses and any(id(p) in self.unit_of
+                                                       for p in module.parameters(recurse=False)):
+                    self._hook(module)
+
+    def register_external_parameter(self, module, param) -> None:
+        u = self.unit_of.get(id(param))
+        if u is None:
+            return  # a whole (persistent) parameter: always present
+        if id(module) not in self.uses:
+            self._install(module, [])
+        if u not in self.uses[id(module)]:
+            self.uses[id(module)].append(u)
+
+    # -- unit states ---------------------------------------------------------------------------------------
+    def _fetch(self, u: Bucket) -> None:
+        if u.state != FREE:
+            return
+        u.data.untyped_storage().resize_(u.numel * u.data.element_size())
+        u.work = comm.all_gather_into_tensor(u.data, u.shard, self.dp_group, async_op=True)
+        u.state = GATHERING
+        self.live += u.numel
+
+    def _wait(self, u: Bucket) -> None:
+        self._fetch(u)
+        if u.state == GATHERING:
+            if u.work is not None:
+                u.work.wait()
+            u.work, u.state = None, READY
+            with torch.no_grad():
+                for p in u.params:
+                    s, k = u.offsets[p]
+                    p.data = u.data[s:s + k].view(p.zero_shape)
+
+    def _release(self, u: Bucket) -> None:
+        if u.state == FREE or self.pinned:
+            return
+        if u.state == GATHERING and u.work is not None:
+            u.work.wait()
+        for p in u.params:
+            if not hasattr(p, "zero_shape"):
+                p.zero_shape = tuple(p.shape)
+            p.data = torch.empty(0, dtype=u.dtype, device=u.device)
+        u.data.untyped_storage().resize_(0)
+        u.work, u.state = None, FREE
+        self.live -= u.numel
+
+    def _prefetch(self, current: list, step: int) -> None:
+        if not self.traced or not current:
+            return
+        idx = [self.order.index(u) for u in current if u in self.order]
+        if not idx:
+            return
+        i, budget = (max(idx) if step > 0 else min(idx)) + step, 0
+        while 0 <= i < len(self.order) and budget < self.prefetch_numel:
+            u = self.order[i]
+            if u.state == FREE and self.live + u.numel > self.max_live_numel:
+                break
+            budget += u.numel
+            self._fetch(u)
+            i += step
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def _pre_forward(self, module, args) -> None:
+        units = self.uses[id(module)]
+        for u in units:
+            if not self.traced and u not in self.order:
+                self.order.append(u)
+            self._wait(u)
+            u.active += 1
+        self._prefetch(units, +1)
+
+    def _post_forward(self, module, args, output) -> None:
+        for u in self.uses[id(module)]:
+            u.active -= 1
+            if u.active == 0:  # an enclosing module that reads it too (tied weights) keeps it
+                self._release(u)
+
+    def _pre_backward(self, module, grad_output) -> None:
+        self.traced = True
+        units = self.uses[id(module)]
+        for u in units:
+            self._wait(u)
+        self._prefetch(units, -1)
+
+    def on_grads_ready(self, bucket: Bucket) -> None:
+        if bucket.shard is not None:
+            self._release(bucket)
+
+    def release_all(self) -> None:
+        for u in self.units:
+            u.active = 0
+            self._release(u)
+
+    @contextlib.contextmanager
+    def all_gathered(self):
+        for u in self.units:
+            self._wait(u)
+        self.pinned = True
+        try:
+            yield
+        finally:
+            self.pinned = False
+            self.release_all()

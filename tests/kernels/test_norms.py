@@ -1,0 +1,126 @@
+"""Triton LayerNorm and RMSNorm (under the interpreter) against a float64 reference: output, saved statistics
+and every gradient, on awkward hidden sizes, through both the one-block and the chunked row paths, with
+NaN-poisoned outputs and partial-sum buffers."""
+import pytest
+import torch
+
+from megaengine.kernels import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from megaengine.kernels._shared import backward_programs
+from megaengine.kernels.layernorm import _layer_norm_bwd, layer_norm_backward, layer_norm_forward
+from megaengine.kernels.rmsnorm import _rms_norm_bwd, rms_norm_backward, rms_norm_forward
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(ours, ref):
+    return ((ours.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def inputs(rows, hidden, dtype, weight_dtype, seed, offset=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
+    w = torch.randn(hidden, generator=g, dtype=torch.float64).to(weight_dtype)
+    b = torch.randn(hidden, generator=g, dtype=torch.float64).to(weight_dtype)
+    dy = torch.randn(rows, hidden, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def nan(*shape):
+    return torch.full(shape, float("nan"))
+
+
+def assert_close(name, ours, ref, tol):
+    assert torch.isfinite(ours).all(), f"{name} has unwritten (NaN) entries"
+    assert rel_err(ours, ref) <= tol, f"{name}: relative error {rel_err(ours, ref):.2e} > {tol:.0e}"
+
+
+def check_layer_norm(x, w, b, dy, block_n=None, eps=1e-5):
+    rows, hidden = x.shape
+    programs = backward_programs(_layer_norm_bwd, x, rows)[0]
+    y, mean, rstd = layer_norm_forward(x, w, b, eps, y=torch.full_like(x, float("nan")), mean=nan(rows),
+                                       rstd=nan(rows), block_n=block_n)
+    dx, dw, db = layer_norm_backward(dy, x, w, mean, rstd, dx=torch.full_like(x, float("nan")),
+                                     partials=nan(2, programs, hidden), block_n=block_n)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    ref = layer_norm_reference(x64, w64, b64, eps)
+    ref.backward(dy.double())
+    x_ = x.double()
+    tol = max(TOLERANCE[x.dtype], TOLERANCE[w.dtype])
+    assert_close("mean", mean, x_.mean(-1), 1e-6)
+    assert_close("rstd", rstd, torch.rsqrt(x_.var(-1, unbiased=False) + eps), 1e-5)
+    for name, ours, want in (("y", y, ref.detach()), ("dx", dx, x64.grad), ("dweight", dw, w64.grad),
+                             ("dbias", db, b64.grad)):
+        assert_close(name, ours, want, tol)
+
+
+def check_rms_norm(x, w, dy, block_n=None, eps=1e-6):
+    rows, hidden = x.shape
+    programs = backward_programs(_rms_norm_bwd, x, rows)[0]
+    y, rstd = rms_norm_forward(x, w, eps, y=torch.full_like(x, float("nan")), rstd=nan(rows), block_n=block_n)
+    dx, dw = rms_norm_backward(dy, x, w, rstd, dx=torch.full_like(x, float("nan")), partials=nan(programs, hidden),
+                               block_n=block_n)
+    x64, w64 = (t.double().requires_grad_() for t in (x, w))
+    ref = rms_norm_reference(x64, w64, eps)
+    ref.backward(dy.double())
+    tol = max(TOLERANCE[x.dtype], TOLERANCE[w.dtype])
+    assert_close("rstd", rstd, torch.rsqrt(x.double().pow(2).mean(-1) + eps), 1e-5)
+    for name, ours, want in (("y", y, ref.detach()), ("dx", dx, x64.grad), ("dweight", dw, w64.grad)):
+        assert_close(name, ours, want, tol)
+
+
+CASES = [(torch.float32, 13, 100), (torch.float16, 13, 100), (torch.bfloat16, 13, 100),
+         (torch.float32, 7, 4099), (torch.bfloat16, 7, 4099)]
+
+
+@pytest.mark.parametrize("dtype,rows,hidden", CASES)
+def test_layer_norm_matches_float64_reference(dtype, rows, hidden):
+    check_layer_norm(*inputs(rows, hidden, dtype, dtype, seed=hidden))
+
+
+@pytest.mark.parametrize("dtype,rows,hidden", CASES)
+def test_rms_norm_matches_float64_reference(dtype, rows, hidden):
+    x, w, _, dy = inputs(rows, hidden, dtype, dtype, seed=hidden + 1)
+    check_rms_norm(x, w, dy)
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_chunked_rows(dtype, weight_dtype):
+    """Rows walked in 1024-wide chunks (the path for hidden > 8K/16K), last chunk ragged; a large mean checks
+    that the chunked variance does not cancel."""
+    x, w, b, dy = inputs(7, 4099, dtype, weight_dtype, seed=5, offset=300.0)
+    check_layer_norm(x, w, b, dy, block_n=1024)
+    check_rms_norm(x, w, dy, block_n=1024)
+
+
+def test_hidden_64k():
+    x, w, b, dy = inputs(5, 65536, torch.bfloat16, torch.bfloat16, seed=9)
+    check_layer_norm(x, w, b, dy)
+    check_rms_norm(x, w, dy)
+
+
+def autograd_matches(fn, ref_fn, leaves, dy):
+    """fn(*leaves) through autograd against ref_fn on float64 copies: output and every leaf's gradient."""
+    ours = fn(*leaves)
+    grads = torch.autograd.grad(ours, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = ref_fn(*leaves64)
+    want = torch.autograd.grad(ref, leaves64, dy.double())
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref.detach()) <= 1e-5
+    for got, exp in zip(grads, want):
+        assert rel_err(got, exp) <= 1e-5
+
+
+def test_public_api_autograd():
+    """layer_norm (with and without bias) and rms_norm on (batch, seq, hidden) through autograd."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 100, generator=g).requires_grad_()
+    w = torch.randn(100, generator=g).requires_grad_()
+    b = torch.randn(100, generator=g).requires_grad_()
+    dy = torch.randn(3, 5, 100, generator=g)
+    autograd_matches(lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="triton"),
+                     lambda x, w, b: layer_norm_reference(x, w, b, 1e-5), [x, w, b], dy)
+    autograd_matches(lambda x, w: layer_norm(x, w, None, 1e-5, backend="triton"),
+                     lambda x, w: layer_norm_reference(x, w, None, 1e-5), [x, w], dy)
+    autograd_matches(lambda x, w: rms_norm(x, w, 1e-6, backend="triton"),
+                     lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], dy)
