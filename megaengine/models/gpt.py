@@ -307,6 +307,14 @@ class GPT(nn.Module):
                 mark_tensor_parallel(self.output_weight, 0)
                 self.output_weight.shared_embedding_copy = True
 
+    def global_name(self, name: str) -> str:
+        """The name a parameter of this stage has in the whole model: `layers.{i}` counts from this
+        stage's first layer, and the last stage's copy of tied embeddings is the word embedding."""
+        if name.startswith("layers."):
+            i, rest = name[len("layers."):].split(".", 1)
+            return f"layers.{self.layer_range[0] + int(i)}.{rest}"
+        return "word_embeddings.weight" if name == "output_weight" else name
+
     @property
     def learned_positions(self) -> bool:
         return self.config.position_embedding_type == "learned_absolute"

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -127,3 +128,54 @@ def load_rank_state(root: str, iteration: int) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
         raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is corrupt or truncated.") from None
+
+
+# ---- the trainer's state ----
+
+def rng_state() -> dict:
+    import random as pyrandom
+    from megaengine.tensor_parallel import random as tp_random
+    return {"python": pyrandom.getstate(), "numpy": np.random.get_state(), "torch": tp_random.get_states()}
+
+
+def set_rng_state(s: dict) -> None:
+    import random as pyrandom
+    from megaengine.tensor_parallel import random as tp_random
+    pyrandom.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    tp_random.set_states(s["torch"])
+
+
+def layout(state, chunks, optimizer) -> dict:
+    return {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size, "virtual_stages": len(chunks),
+            "zero_stage": optimizer.stage}
+
+
+def save_training_state(root, iteration, *, chunks, optimizer, loader, config, state, args) -> None:
+    """Collective: every rank saves what it holds of the model, optimizer, data position and RNG."""
+    meta = {"iteration": iteration, "consumed_samples": loader.consumed_samples, "layout": layout(state, chunks, optimizer),
+            "model": config.to_dict(), "args": {k: v for k, v in vars(args).items()}}
+    rank_state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer.state_dict(),
+                  "rng": rng_state(), "loader": loader.state_dict(), "iteration": iteration}
+    path = save(root, iteration, rank_state, meta)
+    if dist.get_rank() == 0:
+        print(f"saved checkpoint {path}", flush=True)
+
+
+def load_training_state(root, *, chunks, optimizer, loader, config, state, args) -> int:
+    """Restore what save_training_state wrote; returns the iteration to continue from."""
+    iteration, meta = load_meta(root)
+    path = iteration_dir(root, iteration)
+    check_layout(meta, layout(state, chunks, optimizer), path)
+    check_model_config(meta, config.to_dict(), path)
+    rank_state = load_rank_state(root, iteration)
+    for chunk, saved in zip(chunks, rank_state["model"]):
+        chunk.load_state_dict(saved)
+    optimizer.load_state_dict(rank_state["optimizer"])
+    loader.load_state_dict(rank_state["loader"])
+    set_rng_state(rank_state["rng"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} at iteration {iteration}", flush=True)
+    return iteration
+
+

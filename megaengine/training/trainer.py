@@ -213,35 +213,6 @@ def reduce_loss(total: torch.Tensor, state) -> None:
     comm.all_reduce(total, state.pp_group)
 
 
-def rng_state() -> dict:
-    import random as pyrandom
-    from megaengine.tensor_parallel import random as tp_random
-    return {"python": pyrandom.getstate(), "numpy": np.random.get_state(), "torch": tp_random.get_states()}
-
-
-def set_rng_state(s: dict) -> None:
-    import random as pyrandom
-    from megaengine.tensor_parallel import random as tp_random
-    pyrandom.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    tp_random.set_states(s["torch"])
-
-
-def layout(args, state) -> dict:
-    return {"tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size, "virtual_stages": virtual_stages(args),
-            "zero_stage": 1 if args.use_distributed_optimizer else 0}
-
-
-def save_checkpoint(args, iteration, chunks, optimizer, loader, config, state) -> None:
-    meta = {"iteration": iteration, "consumed_samples": loader.consumed_samples, "layout": layout(args, state),
-            "model": config.to_dict(), "args": {k: v for k, v in vars(args).items()}}
-    rank_state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer.state_dict(),
-                  "rng": rng_state(), "loader": loader.state_dict(), "iteration": iteration}
-    path = checkpoint.save(args.save, iteration, rank_state, meta)
-    if dist.get_rank() == 0:
-        print(f"saved checkpoint {path}", flush=True)
-
-
 def resume_from(args) -> str | None:
     """--load, or --save when it already holds a checkpoint (a restarted job picks up where it died)."""
     if args.load:
@@ -249,22 +220,6 @@ def resume_from(args) -> str | None:
     if args.save and checkpoint.latest_iteration(args.save) is not None:
         return args.save
     return None
-
-
-def load_checkpoint(root, args, chunks, optimizer, loader, config, state) -> int:
-    iteration, meta = checkpoint.load_meta(root)
-    path = checkpoint.iteration_dir(root, iteration)
-    checkpoint.check_layout(meta, layout(args, state), path)
-    checkpoint.check_model_config(meta, config.to_dict(), path)
-    rank_state = checkpoint.load_rank_state(root, iteration)
-    for chunk, saved in zip(chunks, rank_state["model"]):
-        chunk.load_state_dict(saved)
-    optimizer.load_state_dict(rank_state["optimizer"])
-    loader.load_state_dict(rank_state["loader"])
-    set_rng_state(rank_state["rng"])
-    if dist.get_rank() == 0:
-        print(f"resumed from {path} at iteration {iteration}", flush=True)
-    return iteration
 
 
 @torch.no_grad()
@@ -322,7 +277,8 @@ def train(args) -> None:
     iteration = 0
     root = resume_from(args)
     if root:
-        iteration = load_checkpoint(root, args, chunks, optimizer, loader, config, state)
+        iteration = checkpoint.load_training_state(root, chunks=chunks, optimizer=optimizer, loader=loader,
+                                                   config=config, state=state, args=args)
 
     counts = count_parameters(config, state.tp_size)
     tokens_per_iter = args.global_batch_size * args.seq_length
@@ -364,7 +320,8 @@ def train(args) -> None:
         exiting = args.exit_interval and iteration % args.exit_interval == 0
         if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters or exiting):
-            save_checkpoint(args, iteration, chunks, optimizer, loader, config, state)
+            checkpoint.save_training_state(args.save, iteration, chunks=chunks, optimizer=optimizer, loader=loader,
+                                           config=config, state=state, args=args)
         if exiting:
             if is_rank0:
                 print(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})", flush=True)
