@@ -80,3 +80,33 @@ def test_shipped_presets_parse_and_validate():
 def test_good_layout_passes():
     args = check(["--tp", "2", "--sequence-parallel"], world=4)
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
+
+
+def test_shipped_zero_configs_resolve_against_flags():
+    import glob
+    stages = {}
+    for path in sorted(glob.glob("configs/zero/*.json")):
+        args = check(["--zero-config", path], world=2)
+        stages[path] = args.zero.zero_optimization.stage
+        assert args.zero.train_batch_size == 8 and args.zero.gradient_accumulation_steps == 2
+    assert sorted(set(stages.values())) == [0, 1, 2, 3], stages
+
+
+def test_zero_config_disagreeing_with_flags_shows_both_numbers(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(ConfigError) as e:
+        check(["--zero-config", str(path)], world=2)
+    assert "32" in str(e.value) and "8" in str(e.value)
+
+
+def test_zero_config_typo_suggests_key(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="zero_optimization"):
+        check(["--zero-config", str(path)], world=2)
+
+
+def test_zero3_with_pipeline_is_refused():
+    with pytest.raises(ConfigError, match="stage 3 with --pipeline-model-parallel-size 2"):
+        check(["--zero-config", "configs/zero/zero3.json", "--pp", "2"], world=4)

@@ -151,6 +151,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if first.config:
         parser.set_defaults(**load_preset(first.config, parser))
     args = parser.parse_args(argv)
+    # Values the user chose (flags or preset), as opposed to our defaults: a DeepSpeed JSON must agree with
+    # these, while its "auto" keys take any value.
+    defaults = build_parser()
+    args.explicit = sorted(k for k, v in vars(args).items() if k != "config" and v != defaults.get_default(k))
     missing = [k for k in REQUIRED if getattr(args, k) is None]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
@@ -186,6 +190,46 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')}={v} must be in [0, 1).")
     model_config(args, vocab_size=1).validate(tp)
+    if args.zero_config:
+        load_zero_config(args, dp)
+
+
+def cli_for_zero_config(args, dp: int, auto_sources: set) -> dict:
+    """Flag values a DeepSpeed JSON is resolved against: those the user set, and those its "auto" keys need."""
+    values = {"global_batch_size": args.global_batch_size, "micro_batch_size": args.micro_batch_size,
+              "gradient_accumulation_steps": args.global_batch_size // (args.micro_batch_size * dp),
+              "clip_grad": args.clip_grad, "lr": args.lr, "min_lr": args.min_lr, "adam_eps": args.adam_eps,
+              "weight_decay": args.weight_decay, "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
+              "warmup_steps": args.lr_warmup_iters, "train_iters": args.train_iters, "fp16": args.fp16,
+              "bf16": args.bf16, "hidden_size": args.hidden_size}
+    always = {"global_batch_size", "micro_batch_size", "gradient_accumulation_steps", "hidden_size"}
+    chosen = always | set(args.explicit) | auto_sources
+    if "warmup_steps" not in chosen and "lr_warmup_iters" in args.explicit:
+        chosen.add("warmup_steps")
+    cli = {k: v for k, v in values.items() if k in chosen}
+    cli["dp_size"] = dp
+    return cli
+
+
+def load_zero_config(args, dp: int):
+    """Read --zero-config against the flags; the result is kept as args.zero (a DeepSpeedConfig)."""
+    from megaengine.zero.config import AUTO_SOURCES, _auto_paths, _read, load_config
+    data, _ = _read(args.zero_config)
+    sources = set()
+    for path in _auto_paths(data):
+        src = AUTO_SOURCES.get(path, ())
+        sources.update((src,) if isinstance(src, str) else src)
+    sources = {s for s in sources if s}
+    cfg = load_config(args.zero_config, cli=cli_for_zero_config(args, dp, sources))
+    if args.use_distributed_optimizer and cfg.zero_optimization.stage == 0:
+        raise ConfigError(f"--use-distributed-optimizer asks for ZeRO stage 1 but --zero-config {args.zero_config} "
+                          "has zero_optimization.stage 0; drop one of them.")
+    if cfg.zero_optimization.stage == 3 and args.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"--zero-config {args.zero_config}: ZeRO stage 3 with --pipeline-model-parallel-size "
+                          f"{args.pipeline_model_parallel_size} is not supported; use stage 1 or 2 with pipelines.")
+    args.bf16, args.fp16 = cfg.bf16, cfg.fp16.enabled
+    args.zero = cfg
+    return cfg
 
 
 def _has_checkpoint(path: str) -> bool:

@@ -123,8 +123,19 @@ def plan_pipeline(args, state, config, num_micro: int) -> PipelinePlan | None:
 
 
 def build_optimizer(model_chunks, args, state):
-    """Plain data parallel (stage 0) or Megatron's distributed optimizer (ZeRO-1) from the flags."""
+    """From --zero-config (DeepSpeed JSON) if given, else plain data parallel (stage 0) or Megatron's
+    distributed optimizer (ZeRO-1, --use-distributed-optimizer) from the flags."""
     from megaengine.zero.optimizer import ZeroOptimizer
+    zero = getattr(args, "zero", None)
+    if zero is not None:
+        from megaengine.zero.engine import optimizer_from_config
+        opt = optimizer_from_config(model_chunks, zero, dp_group=state.dp_group, tp_group=state.tp_group,
+                                    pp_group=state.pp_group)
+        if opt.stage == 3:  # the tied head reads the embedding outside its module: gather it there too
+            for chunk in model_chunks:
+                if chunk.pre_process and chunk.post_process and not chunk.config.untie_embeddings_and_output_weights:
+                    opt.register_external_parameter(chunk, chunk.word_embeddings.weight)
+        return opt
     return ZeroOptimizer(
         model_chunks, stage=1 if args.use_distributed_optimizer else 0, lr=args.lr,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
@@ -234,7 +245,6 @@ def sample_text(chunks, tokenizer, args, state, config) -> None:
     g = torch.Generator(device=state.device).manual_seed(args.seed)
     for c in chunks:
         c.eval()
-    last = chunks[-1]
     for _ in range(args.sample_tokens):
         context = ids[:, -config.seq_length:]
         if config.sequence_parallel:  # sequence shards must divide evenly
@@ -296,9 +306,14 @@ def train(args) -> None:
         c.train()
     decay_iters = args.lr_decay_iters or args.train_iters
     window_loss, window_steps, window_time, skipped = torch.zeros((), device=state.device), 0, 0.0, 0
+    zero = getattr(args, "zero", None)
     while iteration < args.train_iters:
-        lr = learning_rate(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
-                           decay_iters=decay_iters, style=args.lr_decay_style)
+        if zero is not None and zero.scheduler.type:  # the JSON's DeepSpeed schedule
+            from megaengine.zero.engine import scheduler_lr
+            lr = scheduler_lr(zero.scheduler, zero.optimizer.lr, iteration)
+        else:
+            lr = learning_rate(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+                               decay_iters=decay_iters, style=args.lr_decay_style)
         start = time.monotonic()
         window_loss += train_step(chunks, optimizer, next_batches(loader, num_micro, state.device), plan, state)
         grad_norm, was_skipped = optimizer.step(lr)
@@ -327,4 +342,5 @@ def train(args) -> None:
                 print(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})", flush=True)
             break
     logger.close()
-    sample_text(chunks, data.tokenizer, args, state, config)
+    with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
+        sample_text(chunks, data.tokenizer, args, state, config)

@@ -75,6 +75,21 @@ def _loss_scaler(cfg: DeepSpeedConfig):
                              f.consecutive_hysteresis)
 
 
+def optimizer_from_config(model_chunks, config: DeepSpeedConfig, *, dp_group=None, tp_group=None,
+                          pp_group=None) -> ZeroOptimizer:
+    """The ZeroOptimizer a DeepSpeed config describes (used by the engine and by pretrain_gpt.py)."""
+    z, o = config.zero_optimization, config.optimizer
+    return ZeroOptimizer(
+        model_chunks, stage=z.stage, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+        adam_w_mode=o.adam_w_mode, clip_grad=config.gradient_clipping, dp_group=dp_group, tp_group=tp_group,
+        pp_group=pp_group, reduce_bucket_size=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
+        reduce_scatter=z.reduce_scatter, prescale_gradients=config.prescale_gradients,
+        loss_scaler=_loss_scaler(config), offload_optimizer=z.offload_optimizer == "cpu",
+        prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+        param_persistence_threshold=z.stage3_param_persistence_threshold,
+        max_live_parameters=z.stage3_max_live_parameters)
+
+
 class ZeroEngine:
     def __init__(self, model: torch.nn.Module, config: DeepSpeedConfig, *, dp_group=None, tp_group=None,
                  pp_group=None):
@@ -83,16 +98,8 @@ class ZeroEngine:
             model.to(torch.bfloat16)
         elif config.fp16.enabled:
             model.to(torch.float16)
-        z, o = config.zero_optimization, config.optimizer
-        self.optimizer = ZeroOptimizer(
-            [model], stage=z.stage, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-            adam_w_mode=o.adam_w_mode, clip_grad=config.gradient_clipping, dp_group=dp_group, tp_group=tp_group,
-            pp_group=pp_group, reduce_bucket_size=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
-            reduce_scatter=z.reduce_scatter, prescale_gradients=config.prescale_gradients,
-            loss_scaler=_loss_scaler(config), offload_optimizer=z.offload_optimizer == "cpu",
-            prefetch_bucket_size=z.stage3_prefetch_bucket_size,
-            param_persistence_threshold=z.stage3_param_persistence_threshold,
-            max_live_parameters=z.stage3_max_live_parameters)
+        self.optimizer = optimizer_from_config([model], config, dp_group=dp_group, tp_group=tp_group,
+                                               pp_group=pp_group)
         self.gas = config.gradient_accumulation_steps
         self.micro_steps = self.global_steps = self.skipped_steps = 0
         self.lr_iteration = int(config.scheduler.params.get("last_batch_iteration", -1))

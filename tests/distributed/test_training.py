@@ -94,3 +94,48 @@ def test_checkpoint_of_another_layout_is_refused(tiny_corpus, tmp_path):
     train(2, model_flags(prefix, tok, tp=2, save=save, **{"train-iters": 1}), tmp_path / "a.jsonl")
     codes = run_distributed(_main, 2, model_flags(prefix, tok, load=save, **{"train-iters": 2}), timeout=120)
     assert codes == [2, 2]
+
+
+def zero_json(tmp_path, stage, offload=False):
+    """A DeepSpeed config with "auto" batch and optimizer values, as Hugging Face users write them."""
+    cfg = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                     "weight_decay": "auto"}},
+           "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
+                                                             "warmup_num_steps": 2, "total_num_steps": "auto",
+                                                             "warmup_type": "linear"}},
+           "zero_optimization": {"stage": stage, "overlap_comm": True, "reduce_bucket_size": 5000,
+                                 "stage3_param_persistence_threshold": 64, "stage3_prefetch_bucket_size": 4000}}
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    path = tmp_path / f"zero{stage}{'-offload' if offload else ''}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+ZERO_LAYOUTS = {
+    "dp2-zero1": (2, 1, {}),
+    "dp2-zero2": (2, 2, {}),
+    "dp4-zero3": (4, 3, {}),
+    "tp2-dp2-zero3": (4, 3, {"tp": 2}),
+    "tp2-dp2-zero2-sp": (4, 2, {"tp": 2, "sequence-parallel": True}),
+    "pp2-dp2-zero2": (4, 2, {"pp": 2}),
+    "dp2-zero2-offload": (2, "2-offload", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def zero_reference(tiny_corpus, tmp_path_factory):
+    prefix, tok = tiny_corpus
+    tmp = tmp_path_factory.mktemp("zref")
+    return train(1, model_flags(prefix, tok, **{"zero-config": zero_json(tmp, 0)}), tmp / "m.jsonl")
+
+
+@pytest.mark.parametrize("layout", list(ZERO_LAYOUTS))
+def test_zero_stages_match_single_process(layout, zero_reference, tiny_corpus, tmp_path):
+    prefix, tok = tiny_corpus
+    world, stage, over = ZERO_LAYOUTS[layout]
+    offload = stage == "2-offload"
+    path = zero_json(tmp_path, 2 if offload else stage, offload)
+    losses = train(world, model_flags(prefix, tok, **over, **{"zero-config": path}), tmp_path / "m.jsonl")
+    assert_same_losses(losses, zero_reference, layout)
