@@ -34,3 +34,40 @@ def test_bad_layout_reported_once_from_rank0_without_traceback():
     assert ours == ["megaengine: error: world size 4 is not divisible by tp x pp = 3 x 1 = 3. Launch a multiple of 3 "
                     "processes (torchrun --nproc_per_node), or change --tp/--pp."], out.stderr[-2000:]
     assert "[rank" not in out.stderr  # no worker traceback
+
+
+def losses_of(metrics):
+    import json
+    return [json.loads(line)["loss"] for line in open(metrics) if '"loss"' in line]
+
+
+def test_headline_command_tp4_pp2_on_8_processes(tmp_path):
+    out = torchrun(8, "--config", "configs/gpt-tiny.json", "--tp", "4", "--pp", "2", "--train-iters", "4",
+                   "--log-interval", "1", "--eval-iters", "0", "--sample-tokens", "4",
+                   "--metrics-file", str(tmp_path / "m.jsonl"), env={"MEGAENGINE_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tp 4 pp 2 dp 1" in out.stdout and "sample:" in out.stdout
+    assert len(losses_of(tmp_path / "m.jsonl")) == 4
+
+
+def test_two_nodes_train_like_one(tiny_corpus, tmp_path):
+    """Two torchrun agents ("nodes") of 2 ranks each, c10d rendezvous on 127.0.0.1, against one node of 4."""
+    from megaengine.testing import free_port
+    prefix, tok = tiny_corpus
+    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3",
+             "--tp", "2", "--data-path", prefix, "--tokenizer-model", tok, "--log-interval", "1",
+             "--eval-iters", "0", "--sample-tokens", "0", "--make-vocab-size-divisible-by", "8"]
+    one = torchrun(4, *flags, "--metrics-file", str(tmp_path / "one.jsonl"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n), "--nproc_per_node", "2",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+         "pretrain_gpt.py", *flags, "--metrics-file", str(tmp_path / "two.jsonl")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for n in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    assert losses_of(tmp_path / "two.jsonl") == losses_of(tmp_path / "one.jsonl")
