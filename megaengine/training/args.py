@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=_positive_int("--save-interval"))
+    g.add_argument("--save-retain", type=_positive_int("--save-retain"), help="keep only the newest N checkpoints")
+    g.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    g.add_argument("--load-hf", help="start from a Hugging Face GPT-2 or LLaMA checkpoint directory")
+
+    g = p.add_argument_group("fault tolerance")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (e.g. SLURM preemption) save a checkpoint and exit cleanly")
+    g.add_argument("--max-skipped-steps", type=_positive_int("--max-skipped-steps"), default=10,
+                   help="stop after this many consecutive steps skipped for inf/nan gradients")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=_positive_int("--log-interval"), default=10)

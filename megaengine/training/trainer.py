@@ -22,6 +22,10 @@ from megaengine.training.lr_schedule import learning_rate
 from megaengine.training.metrics import ProgressLogger, device_peak_tflops, flops_per_token
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); every rank raises it together."""
+
+
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -29,14 +33,33 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         validate(args, world)
         train(args)
-    except ConfigError as e:
-        # Every rank reaches the same verdict from the same flags and files; only rank 0 speaks.
+    except (ConfigError, TrainingStopped) as e:
+        # Every rank reaches the same verdict from the same flags, files and reduced numbers; only rank 0 speaks.
         if rank == 0:
             print(f"megaengine: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(e, ConfigError) else 3
     finally:
         parallel.destroy()
     return 0
+
+
+class ExitSignal:
+    """SIGTERM (SLURM's warning before preemption) sets a flag; the loop agrees on it across ranks once per
+    iteration, saves and exits cleanly. Megatron's --exit-signal-handler."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            import signal
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.received = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 @dataclass
@@ -307,6 +330,7 @@ def train(args) -> None:
     decay_iters = args.lr_decay_iters or args.train_iters
     window_loss, window_steps, window_time, skipped = torch.zeros((), device=state.device), 0, 0.0, 0
     zero = getattr(args, "zero", None)
+    exit_signal, consecutive_skips, signalled = ExitSignal(args.exit_signal_handler), 0, False
     while iteration < args.train_iters:
         if zero is not None and zero.scheduler.type:  # the JSON's DeepSpeed schedule
             from megaengine.zero.engine import scheduler_lr
@@ -321,6 +345,10 @@ def train(args) -> None:
         window_steps += 1
         skipped += int(was_skipped)
         window_time += time.monotonic() - start
+        consecutive_skips = consecutive_skips + 1 if was_skipped else 0
+        if was_skipped and is_rank0:
+            print(f"iteration {iteration}: step skipped, non-finite gradients (grad norm {grad_norm}, "
+                  f"loss scale {optimizer.loss_scale:g})", flush=True)
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             reduce_loss(window_loss, state)
@@ -329,18 +357,27 @@ def train(args) -> None:
                        skipped=skipped)
             window_loss.zero_()
             window_steps, window_time = 0, 0.0
+        if consecutive_skips >= args.max_skipped_steps:
+            raise TrainingStopped(
+                f"{consecutive_skips} consecutive steps skipped for inf/nan gradients (--max-skipped-steps "
+                f"{args.max_skipped_steps}) at iteration {iteration}. The last checkpoint "
+                f"({args.save or 'none: no --save'}) is untouched; lower --lr or check the data, then resume.")
         if data.valid is not None and args.eval_iters > 0 and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
             logger.log_eval(iteration, evaluate(chunks, data.valid, args, state, plan))
-        exiting = args.exit_interval and iteration % args.exit_interval == 0
-        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
-                          or iteration == args.train_iters or exiting):
+        signalled = args.exit_signal_handler and exit_signal.any_rank(state.device)
+        exiting = signalled or (args.exit_interval and iteration % args.exit_interval == 0)
+        # No save inside a run of skipped steps: the newest checkpoint stays the last good one.
+        if args.save and consecutive_skips == 0 and ((args.save_interval and iteration % args.save_interval == 0)
+                                                     or iteration == args.train_iters or exiting):
             checkpoint.save_training_state(args.save, iteration, chunks=chunks, optimizer=optimizer, loader=loader,
                                            config=config, state=state, args=args)
         if exiting:
             if is_rank0:
-                print(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})", flush=True)
+                why = "SIGTERM received" if signalled else f"--exit-interval {args.exit_interval}"
+                print(f"exiting at iteration {iteration} ({why})", flush=True)
             break
     logger.close()
-    with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
-        sample_text(chunks, data.tokenizer, args, state, config)
+    if not signalled:
+        with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
+            sample_text(chunks, data.tokenizer, args, state, config)

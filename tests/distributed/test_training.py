@@ -139,3 +139,59 @@ def test_zero_stages_match_single_process(layout, zero_reference, tiny_corpus, t
     path = zero_json(tmp_path, 2 if offload else stage, offload)
     losses = train(world, model_flags(prefix, tok, **over, **{"zero-config": path}), tmp_path / "m.jsonl")
     assert_same_losses(losses, zero_reference, layout)
+
+
+def _main_with_nan_grads(rank, world, argv, bad_rank, from_iteration):
+    """Train, with rank `bad_rank`'s gradients turned to NaN from `from_iteration` on."""
+    from megaengine.training import trainer
+    build = trainer.build_optimizer
+
+    def poisoned(chunks, args, state):
+        opt = build(chunks, args, state)
+        step = opt.step
+
+        def step_with_nan(lr=None):
+            opt.finish_grad_sync()
+            if rank == bad_rank and opt.step_count + 1 >= from_iteration:
+                opt.reducer.grad_piece(opt.buckets[0])[0] = float("nan")
+            return step(lr)
+        opt.step = step_with_nan
+        return opt
+    trainer.build_optimizer = poisoned
+    return trainer.main(argv)
+
+
+def test_nan_gradients_skip_everywhere_then_stop(tiny_corpus, tmp_path):
+    prefix, tok = tiny_corpus
+    save = tmp_path / "ckpt"
+    argv = model_flags(prefix, tok, tp=2, save=save, **{"save-interval": 1, "max-skipped-steps": 3, "train-iters": 8,
+                                                        "metrics-file": tmp_path / "m.jsonl"})
+    codes = run_distributed(_main_with_nan_grads, 4, argv, 3, 3, timeout=300)
+    assert codes == [3] * 4  # every rank stops together
+    records = [json.loads(line) for line in open(tmp_path / "m.jsonl") if '"loss"' in line]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 2, 3]  # cumulative skipped steps, logged every iteration
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"  # the last good state
+
+
+def _main_with_sigterm(rank, world, argv, at_iteration):
+    """Rank 0 alone receives SIGTERM during iteration `at_iteration` (as a preempted SLURM task would)."""
+    import signal
+    from megaengine.training import trainer
+    step, calls = trainer.train_step, []
+
+    def train_step(*a, **k):
+        calls.append(1)
+        if rank == 0 and len(calls) == at_iteration:
+            signal.raise_signal(signal.SIGTERM)
+        return step(*a, **k)
+    trainer.train_step = train_step
+    return trainer.main(argv)
+
+
+def test_sigterm_saves_and_exits_cleanly_on_every_rank(tiny_corpus, tmp_path):
+    prefix, tok = tiny_corpus
+    save = tmp_path / "ckpt"
+    argv = model_flags(prefix, tok, tp=2, save=save, **{"exit-signal-handler": True, "train-iters": 8,
+                                                        "metrics-file": tmp_path / "m.jsonl"})
+    assert run_distributed(_main_with_sigterm, 4, argv, 3, timeout=300) == [0] * 4
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
