@@ -39,6 +39,7 @@ class GPTConfig:
     normalization: str = "LayerNorm"  # or "RMSNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = False
+    gelu_approximate: str = "none"  # "tanh": GPT-2's original GELU (Megatron's --openai-gelu, HF's gelu_new)
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
@@ -217,7 +218,7 @@ class MLP(nn.Module):
         super().__init__()
         std, out_std = config.init_method_std, config.init_method_std / math.sqrt(2 * config.num_layers)
         ffn, sp, bias, seed = config.ffn_hidden_size, config.sequence_parallel, config.add_bias_linear, config.init_seed
-        self.swiglu = config.swiglu
+        self.swiglu, self.gelu_approximate = config.swiglu, config.gelu_approximate
         # SwiGLU stacks [gate; up] in one projection, each half split over tp separately.
         self.fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias, sequence_parallel=sp, group=group,
@@ -231,7 +232,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.fc2(h)
 
 
@@ -314,6 +315,26 @@ class GPT(nn.Module):
             i, rest = name[len("layers."):].split(".", 1)
             return f"layers.{self.layer_range[0] + int(i)}.{rest}"
         return "word_embeddings.weight" if name == "output_weight" else name
+
+    @torch.no_grad()
+    def load_full_state(self, full: dict) -> None:
+        """Fill this stage's shards from a whole-model state dict (tp=1 names and shapes): each parameter takes
+        its slice; vocabulary rows are re-padded with zeros to this layout's padded size."""
+        from megaengine.tensor_parallel.layers import take_shard
+        rank = dist.get_rank(self.tp_group)
+        for name, p in self.named_parameters():
+            key = self.global_name(name)
+            if key not in full:
+                raise ConfigError(f"the weights to load have no {key!r} (needed by this model's {name!r}).")
+            w = full[key]
+            if key in ("word_embeddings.weight", "output_layer.weight"):
+                w = w[: self.config.vocab_size]
+                w = torch.cat([w, w.new_zeros(self.vocab_size - w.shape[0], w.shape[1])])
+            w = take_shard(w, p, rank, self.tp_size)
+            if w.shape != p.shape:
+                raise ConfigError(f"weights for {key!r} have shape {tuple(w.shape)} on this rank; the model expects "
+                                  f"{tuple(p.shape)}.")
+            p.copy_(w)
 
     @property
     def learned_positions(self) -> bool:

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--openai-gelu", action="store_true", help="tanh-approximate GELU, as GPT-2 was trained")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
@@ -253,7 +254,7 @@ def model_config(args: argparse.Namespace, vocab_size: int):
         vocab_size=vocab_size, ffn_hidden_size=args.ffn_hidden_size, kv_channels=args.kv_channels,
         num_query_groups=args.num_query_groups, position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base, normalization=args.normalization, norm_epsilon=args.norm_epsilon,
-        swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
+        swiglu=args.swiglu, gelu_approximate="tanh" if args.openai_gelu else "none", add_bias_linear=not args.disable_bias_linear,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, init_method_std=args.init_method_std,

@@ -95,6 +95,19 @@ def check_token_range(dataset, vocab_size: int, args) -> None:
                           f"{vocab_size} tokens: the data was encoded with another tokenizer.")
 
 
+def load_hf_weights(chunks, path: str, config) -> None:
+    """--load-hf: continued pretraining from a Hugging Face GPT-2 or LLaMA directory. The architecture flags
+    must describe the same model; each rank keeps only its shard."""
+    from megaengine.tools.hf import ARCHITECTURE_KEYS, load_hf
+    hf_config, full = load_hf(path, base=config)
+    diff = [f"{k}: flags {getattr(config, k)!r}, checkpoint {getattr(hf_config, k)!r}" for k in ARCHITECTURE_KEYS
+            if getattr(config, k) != getattr(hf_config, k)]
+    if diff:
+        raise ConfigError(f"--load-hf {path} holds another architecture than the flags describe: {'; '.join(diff)}.")
+    for chunk in chunks:
+        chunk.load_full_state(full)
+
+
 def param_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
@@ -300,7 +313,9 @@ def train(args) -> None:
         check_token_range(data.train, data.tokenizer.vocab_size, args)
     config = model_config(args, data.tokenizer.vocab_size)
     chunks = build_model_chunks(config, state, args)
-    optimizer = build_optimizer(chunks, args, state)
+    if args.load_hf:
+        load_hf_weights(chunks, args.load_hf, config)
+    optimizer = build_optimizer(chunks, args, state)  # its fp32 masters start from the weights loaded above
     num_micro = args.global_batch_size // (args.micro_batch_size * state.dp_size)
     plan = plan_pipeline(args, state, config, num_micro)
 

@@ -88,12 +88,15 @@ def test_resume_reproduces_uninterrupted_run(tiny_corpus, tmp_path):
     assert_same_losses({**first, **rest}, full, "resume")
 
 
-def test_checkpoint_of_another_layout_is_refused(tiny_corpus, tmp_path):
+def test_checkpoint_of_another_layout_loads(reference, tiny_corpus, tmp_path):
+    """Saved at tp2, resumed at dp2 ZeRO-1: the loss curve goes on as in one process (tests/distributed/
+    test_checkpoint.py covers more layouts)."""
     prefix, tok = tiny_corpus
     save = tmp_path / "ckpt"
-    train(2, model_flags(prefix, tok, tp=2, save=save, **{"train-iters": 1}), tmp_path / "a.jsonl")
-    codes = run_distributed(_main, 2, model_flags(prefix, tok, load=save, **{"train-iters": 2}), timeout=120)
-    assert codes == [2, 2]
+    first = train(2, model_flags(prefix, tok, tp=2, save=save, **{"exit-interval": 2}), tmp_path / "a.jsonl")
+    rest = train(2, model_flags(prefix, tok, load=save, **{"use-distributed-optimizer": True}), tmp_path / "b.jsonl")
+    assert sorted(rest) == [3, 4, 5]
+    assert_same_losses({**first, **rest}, reference, "tp2 -> dp2 zero1")
 
 
 def zero_json(tmp_path, stage, offload=False):
@@ -195,3 +198,25 @@ def test_sigterm_saves_and_exits_cleanly_on_every_rank(tiny_corpus, tmp_path):
                                                         "metrics-file": tmp_path / "m.jsonl"})
     assert run_distributed(_main_with_sigterm, 4, argv, 3, timeout=300) == [0] * 4
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def _export_hf_model(rank, world, out_dir, tokenizer):
+    from megaengine import parallel
+    from megaengine.data import Tokenizer
+    from megaengine.models import GPT, GPTConfig
+    from megaengine.tools.hf import export
+    parallel.initialize()
+    config = GPTConfig(num_layers=8, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=Tokenizer(tokenizer).vocab_size, init_seed=99)  # not the training seed
+    export(GPT(config), config, out_dir)
+
+
+def test_load_hf_starts_every_layout_from_the_same_weights(tiny_corpus, tmp_path):
+    prefix, tok = tiny_corpus
+    run_distributed(_export_hf_model, 1, str(tmp_path / "hf"), tok)
+    flags = {"load-hf": tmp_path / "hf", "train-iters": 2}
+    single = train(1, model_flags(prefix, tok, **flags), tmp_path / "a.jsonl")
+    sharded = train(4, model_flags(prefix, tok, tp=2, pp=2, **flags), tmp_path / "b.jsonl")
+    fresh = train(1, model_flags(prefix, tok, **{"train-iters": 2}), tmp_path / "c.jsonl")
+    assert_same_losses(sharded, single, "load-hf tp2 pp2")
+    assert abs(single[1]["loss"] - fresh[1]["loss"]) > 1e-3  # the HF weights were used

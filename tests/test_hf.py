@@ -1,0 +1,151 @@
+"""Hugging Face interop: exported GPT-2 and LLaMA models give transformers the same logits as megaengine, and
+the weight mapping is exactly invertible."""
+import json
+import os
+
+import pytest
+import torch
+import transformers  # in the dev extra: CI must run these tests, so a missing install fails loudly
+
+import megaengine
+from megaengine.models.gpt import GPT, GPTConfig
+from megaengine.parallel import ConfigError, destroy, initialize
+from megaengine.tools import hf
+
+TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=101,
+            hidden_dropout=0.0, attention_dropout=0.0)  # 101 tokens: padded to 128
+CONFIGS = {
+    "gpt2": GPTConfig(**TINY),
+    "gpt2-tanh-gelu": GPTConfig(**TINY, gelu_approximate="tanh"),  # GPT-2 as OpenAI trained it (gelu_new)
+    "gpt2-untied": GPTConfig(**TINY, ffn_hidden_size=48, norm_epsilon=1e-6, untie_embeddings_and_output_weights=True),
+    "llama-gqa": GPTConfig(**TINY, num_query_groups=2, ffn_hidden_size=40, position_embedding_type="rope",
+                           rotary_base=500.0, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                           untie_embeddings_and_output_weights=True),
+    "llama-tied-bias-headdim": GPTConfig(**TINY, num_query_groups=1, kv_channels=16, ffn_hidden_size=40,
+                                         position_embedding_type="rope", normalization="RMSNorm", swiglu=True),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    initialize()
+    yield
+    destroy()
+
+
+def build(config: GPTConfig) -> GPT:
+    """A model whose every weight differs (norm weights and biases too), so a swapped name cannot pass."""
+    model = GPT(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            if name in hf.VOCAB_ROWS:
+                p[config.vocab_size:] = 0  # padding rows stay zero, as the model keeps them
+    return model
+
+
+def load_transformers(path):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert next(model.parameters()).dtype == torch.float32
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_export_matches_transformers_logits(name, tmp_path):
+    config = CONFIGS[name]
+    model = build(config)
+    hf.export(model, config, str(tmp_path))
+    theirs = load_transformers(str(tmp_path))
+    expected_class = "GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM"
+    assert type(theirs).__name__ == expected_class
+    ids = torch.randint(0, config.vocab_size, (2, config.seq_length), generator=torch.Generator().manual_seed(1))
+    ours = model.full_logits(ids)
+    with torch.no_grad():
+        ref = theirs(ids).logits
+    assert ref.shape == ours.shape == (2, config.seq_length, config.vocab_size)
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_round_trip_is_exact(name, tmp_path):
+    config = CONFIGS[name]
+    state = build(config).state_dict()
+    hf_config, hf_state = hf.to_hf(config, state)
+    back_config, back_state = hf.from_hf(hf_config, hf_state, base=config)
+    assert back_config == config
+    assert back_state.keys() == state.keys()
+    assert all(torch.equal(back_state[k], state[k]) for k in state)
+    # Without a base the architecture still comes back whole, through the files on disk too.
+    hf.export(state, config, str(tmp_path))
+    arch_config, disk_state = hf.load_hf(str(tmp_path))
+    assert all(getattr(arch_config, k) == getattr(config, k) for k in hf.ARCHITECTURE_KEYS)
+    assert all(torch.equal(disk_state[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_loads_what_transformers_saves_sharded(name, tmp_path):
+    config = CONFIGS[name]
+    state = build(config).state_dict()
+    hf.export(state, config, str(tmp_path / "ours"))
+    load_transformers(str(tmp_path / "ours")).save_pretrained(str(tmp_path / "theirs"), max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "theirs" / "model.safetensors.index.json")
+    back_config, back_state = hf.load_hf(str(tmp_path / "theirs"), base=config)
+    assert back_config == config
+    assert all(torch.equal(back_state[k], state[k]) for k in state)
+
+
+def test_unsupported_configs_name_what_blocks_them():
+    rope_layernorm = GPTConfig(**TINY, position_embedding_type="rope")
+    with pytest.raises(ConfigError, match="--normalization LayerNorm.*no --swiglu"):
+        hf.to_hf(rope_layernorm, {})
+    gqa_gpt2 = GPTConfig(**TINY, num_query_groups=2)
+    with pytest.raises(ConfigError, match="--num-query-groups 2"):
+        hf.hf_family(gqa_gpt2)
+    with pytest.raises(ConfigError, match="model_type='bert'"):
+        hf.from_hf({"model_type": "bert"}, {})
+
+
+def test_refuses_shards_and_mismatched_weights():
+    config = CONFIGS["llama-gqa"]
+    state = build(config).state_dict()
+    shard = dict(state, **{"layers.0.attention.qkv.weight": state["layers.0.attention.qkv.weight"][:32]})
+    with pytest.raises(ConfigError, match="layers.0.attention.qkv.weight"):
+        hf.to_hf(config, shard)
+    hf_config, hf_state = hf.to_hf(config, state)
+    with pytest.raises(ConfigError, match="lacks model.layers.2"):
+        hf.from_hf(dict(hf_config, num_hidden_layers=3), hf_state)
+    with pytest.raises(ConfigError, match="rope_type"):
+        hf.from_hf(dict(hf_config, rope_parameters={"rope_type": "yarn", "factor": 4.0}), hf_state)
+
+
+def test_gpt2_tanh_gelus_map_to_the_tanh_approximation():
+    config = CONFIGS["gpt2"]
+    hf_config, hf_state = hf.to_hf(config, build(config).state_dict())
+    assert hf_config["activation_function"] == "gelu"
+    for act in hf.APPROXIMATE_GELUS:
+        loaded, _ = hf.from_hf(dict(hf_config, activation_function=act), hf_state, base=config)
+        assert loaded.gelu_approximate == "tanh"
+
+
+def test_cli_writes_a_loadable_directory_with_the_tokenizer(tmp_path, monkeypatch):
+    from megaengine.tools import export_hf
+    from megaengine.training import checkpoint
+    config = CONFIGS["llama-gqa"]
+    model = build(config)
+    ckpt, tokenizer = tmp_path / "ckpt", tmp_path / "tok.model"
+    tokenizer.write_bytes(b"sentencepiece bytes")
+    os.makedirs(checkpoint.iteration_dir(str(ckpt), 5))
+    (ckpt / checkpoint.POINTER).write_text("5")
+    with open(os.path.join(checkpoint.iteration_dir(str(ckpt), 5), "meta.json"), "w") as f:
+        json.dump({"iteration": 5, "model": config.to_dict(), "args": {"tokenizer_model": str(tokenizer)}}, f)
+    monkeypatch.setattr(megaengine, "load_model", lambda path, device="cpu": model, raising=False)
+    out = tmp_path / "hf"
+    export_hf.main(["--load", str(ckpt), "--output", str(out), "--dtype", "bfloat16"])
+    assert (out / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert theirs.model.embed_tokens.weight.dtype == torch.bfloat16
+    expected = model.word_embeddings.weight[: config.vocab_size].to(torch.bfloat16)
+    assert torch.equal(theirs.model.embed_tokens.weight, expected)
