@@ -43,6 +43,7 @@ from megaengine.parallel import ConfigError
 
 POINTER = "latest_checkpointed_iteration.txt"
 META = "meta.json"
+FORMAT = 2  # 1 (no "format" key): one pickled state per rank, loadable at the same layout only
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 KINDS = ("model",) + STATE_KINDS
 VOCAB_PARAMS = ("word_embeddings.weight", "output_layer.weight")
@@ -101,7 +102,7 @@ def load_meta(root: str, iteration: int | None = None) -> tuple[int, dict]:
     if iteration is None:
         iteration = latest_iteration(root)
     if iteration is None:
-        raise ConfigError(f"--load {root}: no {POINTER}; no complete checkpoint there.")
+        raise ConfigError(f"{root}: no {POINTER}; no complete checkpoint there.")
     path = os.path.join(iteration_dir(root, iteration), META)
     try:
         with open(path) as f:
@@ -275,7 +276,7 @@ def snapshot(iteration, *, chunks, optimizer, loader, config, state, args) -> Sn
                                 **({"concat_dim": pc.dim} if "#" in pc.key else {})})
     dtypes = sorted({str(p.dtype) for c in chunks for p in c.parameters()})
     scaler = optimizer.loss_scaler
-    meta = {"iteration": iteration, "consumed_samples": loader.consumed_samples,
+    meta = {"format": FORMAT, "iteration": iteration, "consumed_samples": loader.consumed_samples,
             "layout": layout(state, chunks, optimizer), "model": config.to_dict(), "params_dtype": dtypes,
             "optimizer": {"step": optimizer.step_count, "loss_scaler": None if scaler is None else scaler.state_dict()},
             "args": json.loads(json.dumps(vars(args), default=str))}
@@ -409,6 +410,9 @@ class PieceReader:
     def __init__(self, path: str, meta: dict):
         self.path, self.index, self.files = path, meta.get("tensors", {}), meta.get("files", {})
         self.meta_path = os.path.join(path, META)
+        if meta.get("format", 1) != FORMAT:
+            raise ConfigError(f"{self.meta_path}: checkpoint format {meta.get('format', 1)}, this megaengine reads "
+                              f"format {FORMAT}; load it with the megaengine version that wrote it.")
         self.opened: dict = {}
         self.verified: set = set()
 

@@ -179,8 +179,18 @@ def build_optimizer(model_chunks, args, state):
         reduce_bucket_size=args.ddp_bucket_size, overlap_comm=args.overlap_grad_reduce)
 
 
-def next_batches(loader, n: int, device) -> list:
-    return [tuple(t.to(device) for t in loader.next_microbatch()) for _ in range(n)]
+def next_batches(loader, n: int, device, vocab_size: int | None = None) -> list:
+    batches = []
+    for _ in range(n):
+        tokens, labels = loader.next_microbatch()
+        # The vocab-parallel embedding would silently zero an id outside every rank's range: refuse it
+        # (checked on the CPU copy, so no device sync).
+        top = max(int(tokens.max()), int(labels.max()))
+        if vocab_size is not None and top >= vocab_size:
+            raise RuntimeError(f"token id {top} in the training data is outside the tokenizer's "
+                               f"vocabulary of {vocab_size}: the data was encoded with another tokenizer.")
+        batches.append((tokens.to(device), labels.to(device)))
+    return batches
 
 
 def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> torch.Tensor:
@@ -354,7 +364,8 @@ def train(args) -> None:
             lr = learning_rate(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
                                decay_iters=decay_iters, style=args.lr_decay_style)
         start = time.monotonic()
-        window_loss += train_step(chunks, optimizer, next_batches(loader, num_micro, state.device), plan, state)
+        window_loss += train_step(chunks, optimizer, next_batches(loader, num_micro, state.device, config.vocab_size),
+                                  plan, state)
         grad_norm, was_skipped = optimizer.step(lr)
         iteration += 1
         window_steps += 1

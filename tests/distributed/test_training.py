@@ -220,3 +220,18 @@ def test_load_hf_starts_every_layout_from_the_same_weights(tiny_corpus, tmp_path
     fresh = train(1, model_flags(prefix, tok, **{"train-iters": 2}), tmp_path / "c.jsonl")
     assert_same_losses(sharded, single, "load-hf tp2 pp2")
     assert abs(single[1]["loss"] - fresh[1]["loss"]) > 1e-3  # the HF weights were used
+
+
+def test_data_from_a_larger_vocabulary_is_refused_before_training(tiny_corpus, tmp_path):
+    import numpy as np
+    from megaengine.data import IndexedDatasetBuilder
+    from megaengine.data.indexed import bin_path, idx_path
+    prefix, tok = tiny_corpus
+    other = str(tmp_path / "big_text_document")
+    builder = IndexedDatasetBuilder(bin_path(other), dtype=np.uint16)
+    for doc in range(40):
+        builder.add_item((np.arange(200) * 15 + doc) % 3000)  # ids up to 2999; the tokenizer has 512
+        builder.end_document()
+    builder.finalize(idx_path(other))
+    argv = model_flags(other, tok, tp=2)
+    assert run_distributed(_main, 2, argv, timeout=120) == [2, 2]
