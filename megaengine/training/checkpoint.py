@@ -511,7 +511,7 @@ def _attempt(fn, *args):
 
 def load_training_state(root, *, chunks, optimizer, loader, config, state, args) -> int:
     """Restore what save_training_state wrote, at this run's layout; returns the iteration to continue from.
-    Any damage or mismatch is a ConfigError on every rank, before the model or optimizer changes."""
+    Any damage or mismatch is a ConfigError raised on every rank together, before any training step."""
     finalize_async_saves()
     group = coordination_group()
     iteration, meta = load_meta(root)

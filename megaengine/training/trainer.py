@@ -407,3 +407,4 @@ def train(args) -> None:
     if not signalled:
         with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
             sample_text(chunks, data.tokenizer, args, state, config)
+    checkpoint.finalize_async_saves()  # the last background save completes before the process group goes away

@@ -337,6 +337,51 @@ class ZeroOptimizer:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
         self._publish_params()
 
+    # -- per-parameter state, for checkpoints that reshard ---------------------------------------------------
+    STATE_NAMES = ("master", "exp_avg", "exp_avg_sq")
+
+    def param_states(self, params) -> dict:
+        """{param: {"master", "exp_avg", "exp_avg_sq"}}: the whole fp32 state of each of `params` on this
+        rank (its tp shard, in the parameter's shape), as fresh tensors. Collective over dp at stage >= 1: every
+        dp rank calls it, with any `params`. Buckets are all-gathered one at a time, so besides the result a
+        rank holds at most one bucket's full state."""
+        wanted = {id(p) for p in params}
+        out = {}
+        for b in self.buckets:
+            full = {name: self._gathered(b, getattr(self, name)) for name in self.STATE_NAMES}
+            for p in b.params:
+                if id(p) in wanted:
+                    s, k = b.offsets[p]
+                    shape = getattr(p, "zero_shape", p.shape)
+                    out[p] = {name: t[s:s + k].view(shape).clone() for name, t in full.items()}
+        return out
+
+    def _gathered(self, b, flat: torch.Tensor) -> torch.Tensor:
+        own = flat[b.master_offset:b.master_offset + b.shard_numel]
+        if b.shard_numel == b.numel:  # stage 0: the rank holds the whole bucket
+            return own
+        full = torch.empty(b.numel, dtype=torch.float32, device=self.device)
+        comm.all_gather_into_tensor(full, own.to(self.device), self.dp_group)
+        return full
+
+    def load_param_state(self, param: torch.Tensor, state: dict) -> None:
+        """Set `param`'s fp32 state from whole tensors in its shape (as `param_states` returns them); this
+        rank keeps only its own range. Local; call `publish_params()` once every parameter is loaded."""
+        b = self.reducer.bucket_of[id(param)]
+        numel = b.offsets[param][1]
+        for name in self.STATE_NAMES:
+            if state[name].numel() != numel:
+                raise ValueError(f"{name}: {state[name].numel()} elements for a parameter of {numel}")
+        for p, a, e, off in b.own_params():
+            if p is param:
+                for name in self.STATE_NAMES:
+                    flat = state[name].reshape(-1)[off:off + e - a]
+                    getattr(self, name)[b.master_offset + a:b.master_offset + e].copy_(flat)
+
+    def publish_params(self) -> None:
+        """Copy the fp32 master into the model's parameters (collective over dp at stage >= 1)."""
+        self._publish_params()
+
     # -- memory ------------------------------------------------------------------------------------------
     def memory_report(self) -> dict:
         """Bytes this rank holds now, counted from the tensors: parameters, gradients, optimizer state."""
