@@ -2,6 +2,7 @@
 decides whether Triton may run on CPU tensors, launch-size helpers and the per-architecture autotuning prune."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -56,6 +57,11 @@ def check_launchable(kernel, x: torch.Tensor) -> None:
         "under the Triton interpreter, which needs TRITON_INTERPRET=1 in the environment before triton is first "
         "imported (megaengine.kernels, torch._dynamo and torch.compile import it); otherwise use "
         "backend='torch' on CPU")
+
+
+def on_device(x: torch.Tensor):
+    """Launch context: Triton launches on the current CUDA device, which must be the tensors' one."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache
@@ -151,7 +157,5 @@ def norm_configs(kind: str) -> dict:
 
 def launch(kernel, tuned, grid, args, meta):
     """Run the autotuned wrapper on CUDA, the plain kernel (one config) under the interpreter."""
-    if interpreted(kernel):
-        kernel[grid](*args, **meta)
-    else:
-        tuned[grid](*args, **meta)
+    with on_device(args[0]):
+        (kernel if interpreted(kernel) else tuned)[grid](*args, **meta)

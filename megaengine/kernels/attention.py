@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from megaengine.kernels._shared import (cdiv, check_launchable, interpreted, prune_by_arch, resolve_backend, tl,
-                                       triton)
+from megaengine.kernels._shared import (cdiv, check_launchable, interpreted, on_device, prune_by_arch,
+                                       resolve_backend, tl, triton)
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 LOG2E = 1.4426950408889634
@@ -145,10 +145,16 @@ def _attn_bwd_delta(O, DO, DELTA,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qd, stride_gs, stride_gd,
-               start_m, cols, offs_m, offs_d, seq_q, scale_log2,
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, heads, stride_qb, stride_qh, stride_qs, stride_qd,
+               stride_gb, stride_gh, stride_gs, stride_gd, start_m, cols, offs_m, offs_d, seq_q, scale_log2,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_M query rows of head h against this program's keys, transposed (keys along dim 0): adds
+    p^T dO to dv and ds^T q to dk, with ds = p * (dO v^T - delta)."""
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_gb + h * stride_gh
+    lse_base = LSE + (b * heads + h) * seq_q
+    delta_base = DELTA + (b * heads + h) * seq_q
     rows = start_m + offs_m
     qt_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd
     do_ptrs = do_base + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd
@@ -214,25 +220,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, scale_log2,
     else:
         lo = 0
         mid = 0
-    for g in range(0, group):
-        h = hk * group + g
-        bh = b * heads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_gb + h * stride_gh
-        lse_base = LSE + bh * seq_q
-        delta_base = DELTA + bh * seq_q
-        for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qd,
-                                stride_gs, stride_gd, start_m, cols, offs_m, offs_d, seq_q, scale_log2,
-                                BLOCK_M, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
-        for start_m in range(mid, full_end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qd,
-                                stride_gs, stride_gd, start_m, cols, offs_m, offs_d, seq_q, scale_log2,
-                                BLOCK_M, BLOCK_N, CAUSAL, False, UPCAST, PRECISION)
-        for start_m in range(tl.maximum(mid, full_end), q_end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qd,
-                                stride_gs, stride_gd, start_m, cols, offs_m, offs_d, seq_q, scale_log2,
-                                BLOCK_M, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
+    # Each region's loop walks its query blocks for every head of the group in turn, flattened: a loop over
+    # the group around three inner loops makes the compiler spill registers.
+    n_diag = (mid - lo) // BLOCK_M
+    n_full = tl.maximum(full_end - mid, 0) // BLOCK_M
+    tail = tl.maximum(mid, full_end)
+    n_tail = (q_end - tail) // BLOCK_M
+    for it in range(0, group * n_diag):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk * group + it // n_diag, heads, stride_qb,
+                            stride_qh, stride_qs, stride_qd, stride_gb, stride_gh, stride_gs, stride_gd,
+                            lo + (it % n_diag) * BLOCK_M, cols, offs_m, offs_d, seq_q, scale_log2,
+                            BLOCK_M, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
+    for it in range(0, group * n_full):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk * group + it // n_full, heads, stride_qb,
+                            stride_qh, stride_qs, stride_qd, stride_gb, stride_gh, stride_gs, stride_gd,
+                            mid + (it % n_full) * BLOCK_M, cols, offs_m, offs_d, seq_q, scale_log2,
+                            BLOCK_M, BLOCK_N, CAUSAL, False, UPCAST, PRECISION)
+    for it in range(0, group * n_tail):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk * group + it // n_tail, heads, stride_qb,
+                            stride_qh, stride_qs, stride_qd, stride_gb, stride_gh, stride_gs, stride_gd,
+                            tail + (it % n_tail) * BLOCK_M, cols, offs_m, offs_d, seq_q, scale_log2,
+                            BLOCK_M, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok)
@@ -319,31 +327,33 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by GPU generation and head dim; the backward keeps the
-# iterated-over dimension small (BLOCK_M for dk/dv, BLOCK_N for dq), as FlashAttention-2 does.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by GPU generation and head dim (16 and 32 use the 64 lists); the
+# backward keeps the iterated-over dimension small (BLOCK_M for dk/dv, BLOCK_N for dq), as FlashAttention-2
+# does. Every entry compiled for sm_80 / sm_90 in bf16 without register spills (checked offline with
+# triton.compile and cuobjdump, no GPU); which is fastest is left to the autotuner.
 _FWD = {
     "hopper": {64: _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]),
-               128: _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]),
-               256: _configs([(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)])},
-    "ampere": {64: _configs([(128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3)]),
-               128: _configs([(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2)]),
-               256: _configs([(64, 32, 4, 2), (64, 64, 8, 1)])},
+               128: _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]),
+               256: _configs([(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)])},
+    "ampere": {64: _configs([(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3)]),
+               128: _configs([(128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)]),
+               256: _configs([(64, 64, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2)])},
 }
 _DKDV = {
-    "hopper": {64: _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)]),
-               128: _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)]),
-               256: _configs([(32, 64, 4, 2), (16, 64, 4, 2)])},
-    "ampere": {64: _configs([(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]),
-               128: _configs([(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)]),
-               256: _configs([(16, 64, 4, 2), (32, 32, 4, 1)])},
+    "hopper": {64: _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]),
+               128: _configs([(32, 64, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)]),
+               256: _configs([(32, 32, 8, 2), (16, 32, 4, 2)])},
+    "ampere": {64: _configs([(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)]),
+               128: _configs([(32, 64, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2)]),
+               256: _configs([(32, 32, 8, 2), (16, 32, 4, 2)])},
 }
 _DQ = {
-    "hopper": {64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
-               128: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]),
-               256: _configs([(64, 32, 4, 2), (64, 16, 4, 2)])},
-    "ampere": {64: _configs([(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
-               128: _configs([(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)]),
-               256: _configs([(64, 16, 4, 2), (32, 32, 4, 1)])},
+    "hopper": {64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]),
+               128: _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 16, 8, 3)]),
+               256: _configs([(64, 32, 8, 2), (128, 32, 8, 2), (128, 16, 8, 2)])},
+    "ampere": {64: _configs([(128, 32, 8, 3), (64, 32, 4, 3), (128, 16, 8, 3), (64, 16, 4, 3)]),
+               128: _configs([(64, 32, 8, 2), (64, 32, 4, 2), (128, 16, 8, 2), (64, 16, 4, 2)]),
+               256: _configs([(64, 32, 8, 2), (64, 16, 4, 2)])},
 }
 
 
@@ -401,11 +411,12 @@ def _blocks(kernel, name, blocks):
 def _launch(kernel, tuned, name, grid_of, args, meta, blocks):
     """Run `kernel` with fixed blocks (interpreter or tests) or its autotuned wrapper (CUDA)."""
     fixed = _blocks(kernel, name, blocks)
-    if fixed is None:
-        tuned[lambda m: grid_of(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
-    else:
-        block_m, block_n = fixed
-        kernel[grid_of(block_m, block_n)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+    with on_device(args[0]):
+        if fixed is None:
+            tuned[lambda m: grid_of(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+        else:
+            block_m, block_n = fixed
+            kernel[grid_of(block_m, block_n)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 def _strides(t):
@@ -447,8 +458,10 @@ def attention_backward(grad_out, q, k, v, out, lse, causal=True, softmax_scale=N
     meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), PRECISION=_precision(q),
                 UPCAST=interpreted(_attn_bwd_dq) and q.dtype == torch.bfloat16)
     block = 64 if head_dim <= 128 else 32
-    _attn_bwd_delta[(cdiv(seq_q, block), batch * heads)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_q, HEAD_DIM=head_dim, BLOCK_M=block)
+    with on_device(q):
+        _attn_bwd_delta[(cdiv(seq_q, block), batch * heads)](
+            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_q, HEAD_DIM=head_dim,
+            BLOCK_M=block)
     common = (q, k, v, grad_out, lse, delta)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, "dkdv", lambda bm, bn: (cdiv(seq_k, bn), batch * kv_heads),

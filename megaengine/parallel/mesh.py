@@ -94,9 +94,23 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     else:  # a plain `python script.py`: a world of one, no rendezvous needed
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys prefixed by the restart attempt. After `--max-restarts` restarts a worker
+    group, the store still holds the previous attempt's gloo addresses under the same keys, and the new
+    workers connect to dead ports (seen with torch 2.13 + gloo); a fresh prefix per attempt avoids that."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent_hosts and int(os.environ["RANK"]) == 0, timeout=timeout)
+    return dist.PrefixStore(f"megaengine/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str | None = None,

@@ -14,16 +14,13 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def rel_err(ours, ref):
-    return ((ours.double() - ref).abs().max() / ref.abs().max()).item()
+    return ((ours.cpu().double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def inputs(batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed):
+def inputs(batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, seq_q, head_dim, generator=g, dtype=torch.float64).to(dtype)
-    k = torch.randn(batch, kv_heads, seq_k, head_dim, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(batch, kv_heads, seq_k, head_dim, generator=g, dtype=torch.float64).to(dtype)
-    do = torch.randn(batch, heads, seq_q, head_dim, generator=g, dtype=torch.float64).to(dtype)
-    return q, k, v, do
+    shapes = [(batch, heads, seq_q), (batch, kv_heads, seq_k), (batch, kv_heads, seq_k), (batch, heads, seq_q)]
+    return [torch.randn(*s, head_dim, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
 
 
 def nan_like(t):
@@ -31,17 +28,17 @@ def nan_like(t):
 
 
 def reference(q, k, v, do, causal):
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.cpu().double().requires_grad_() for t in (q, k, v))
     out, lse = attention_reference(q64, k64, v64, causal, return_lse=True)
-    out.backward(do.double())
+    out.backward(do.cpu().double())
     return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
 def check(q, k, v, do, causal, blocks=None):
     """Forward and backward through the launchers with every output buffer NaN-poisoned."""
     batch, heads, seq_q, _ = q.shape
-    out, lse = attention_forward(q, k, v, causal, out=nan_like(q),
-                                 lse=torch.full((batch, heads, seq_q), float("nan")), blocks=blocks)
+    lse = torch.full((batch, heads, seq_q), float("nan"), device=q.device)
+    out, lse = attention_forward(q, k, v, causal, out=nan_like(q), lse=lse, blocks=blocks)
     dq, dk, dv = attention_backward(do, q, k, v, out, lse, causal, dq=nan_like(q), dk=nan_like(k), dv=nan_like(v),
                                     delta=nan_like(lse), blocks=blocks)
     want = reference(q, k, v, do, causal)
@@ -64,8 +61,9 @@ def check(q, k, v, do, causal, blocks=None):
     (torch.bfloat16, 1, 2, 1, 35, 128, False),
     (torch.float32, 1, 1, 1, 33, 256, True),
 ])
-def test_matches_float64_reference(dtype, batch, heads, kv_heads, seq, head_dim, causal):
-    q, k, v, do = inputs(batch, heads, kv_heads, seq, seq, head_dim, dtype, seed=seq + head_dim + heads)
+def test_matches_float64_reference(dtype, batch, heads, kv_heads, seq, head_dim, causal, device):
+    q, k, v, do = inputs(batch, heads, kv_heads, seq, seq, head_dim, dtype, seed=seq + head_dim + heads,
+                         device=device)
     check(q, k, v, do, causal)
 
 
@@ -74,31 +72,30 @@ def test_matches_float64_reference(dtype, batch, heads, kv_heads, seq, head_dim,
     {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)},  # one ragged block beyond the first
 ])
 @pytest.mark.parametrize("causal", [True, False])
-def test_block_shapes(blocks, causal):
-    q, k, v, do = inputs(1, 2, 1, 130, 130, 32, torch.float32, seed=7)
+def test_block_shapes(blocks, causal, device):
+    q, k, v, do = inputs(1, 2, 1, 130, 130, 32, torch.float32, seed=7, device=device)
     check(q, k, v, do, causal, blocks)
 
 
 @pytest.mark.parametrize("seq_q,seq_k", [(50, 67), (67, 50)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_unequal_lengths(seq_q, seq_k, causal):
+def test_unequal_lengths(seq_q, seq_k, causal, device):
     """Queries and keys of different lengths; causal is top-left aligned, as torch's is_causal."""
-    q, k, v, do = inputs(1, 2, 2, seq_q, seq_k, 32, torch.float32, seed=seq_q)
+    q, k, v, do = inputs(1, 2, 2, seq_q, seq_k, 32, torch.float32, seed=seq_q, device=device)
     check(q, k, v, do, causal)
 
 
-def test_public_api_autograd_noncontiguous():
+def test_public_api_autograd_noncontiguous(device):
     """flash_attention through autograd on (batch, seq, heads, dim) views, as a model produces them."""
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 67, 4, 32, generator=g).transpose(1, 2).requires_grad_()
-    k = torch.randn(2, 67, 2, 32, generator=g).transpose(1, 2).requires_grad_()
-    v = torch.randn(2, 67, 2, 32, generator=g).transpose(1, 2).requires_grad_()
-    do = torch.randn(2, 4, 67, 32, generator=g)
+    q, k, v = (torch.randn(1, 67, h, 32, generator=g).to(device).transpose(1, 2).requires_grad_()
+               for h in (4, 2, 2))
+    do = torch.randn(1, 4, 67, 32, generator=g).to(device)
     out = flash_attention(q, k, v, causal=True, softmax_scale=0.3, backend="triton")
     out.backward(do)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(q64, k64, v64, causal=True, softmax_scale=0.3)
-    ref.backward(do.double())
+    ref.backward(do.cpu().double())
     for ours, want in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel_err(ours, want.detach()) <= 1e-5
 

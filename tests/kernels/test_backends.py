@@ -11,15 +11,11 @@ from megaengine.kernels import (attention_reference, flash_attention, layer_norm
 from megaengine.errors import ConfigError
 
 
-def small_inputs(seed=0):
+def small_inputs(device="cpu", seed=0):
+    """q, k, v (GQA, 19 tokens), and x, weight, bias for a norm over 33 features."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, 2, 19, 16, generator=g)
-    k = torch.randn(1, 1, 19, 16, generator=g)
-    v = torch.randn(1, 1, 19, 16, generator=g)
-    x = torch.randn(5, 33, generator=g)
-    w = torch.randn(33, generator=g)
-    b = torch.randn(33, generator=g)
-    return q, k, v, x, w, b
+    shapes = [(1, 2, 19, 16), (1, 1, 19, 16), (1, 1, 19, 16), (5, 33), (33,), (33,)]
+    return [torch.randn(*s, generator=g).to(device) for s in shapes]
 
 
 def test_default_backend_on_cpu_is_the_torch_reference():
@@ -56,9 +52,9 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert "ConfigError" in result.stderr and "TRITON_INTERPRET=1" in result.stderr, result.stderr[-2000:]
 
 
-def test_custom_op_registrations():
+def test_custom_op_registrations(device):
     """Schema, fake (meta) kernels and AOT dispatch of every custom op, checked by torch itself."""
-    q, k, v, x, w, b = small_inputs()
+    q, k, v, x, w, b = small_inputs(device)
     out, lse = torch.ops.megaengine.flash_attn_fwd(q, k, v, True, 0.25)
     rstd = x.var(1, unbiased=False).add(1e-5).rsqrt()
     ops = torch.ops.megaengine
@@ -81,14 +77,11 @@ def transformer_block(x, w, b, w_qkv):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compiler):
+def test_torch_compile_fullgraph(compiler, device):
     """The kernels trace without graph breaks and give eager's values and gradients."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 33, 32, generator=g).requires_grad_()
-    w = torch.randn(32, generator=g).requires_grad_()
-    b = torch.randn(32, generator=g).requires_grad_()
-    w_qkv = (torch.randn(32, 96, generator=g) / 6).requires_grad_()
-    leaves = [x, w, b, w_qkv]
+    leaves = [torch.randn(*s, generator=g).to(device).requires_grad_() for s in ((2, 33, 32), (32,), (32,))]
+    leaves.append((torch.randn(32, 96, generator=g) / 6).to(device).requires_grad_())
 
     def run(fn):
         out = fn(*leaves)
