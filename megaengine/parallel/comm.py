@@ -126,79 +126,38 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
+def _conjugate_pair(name: str, forward, backward):
+    """An autograd Function running `forward(x, group, dim)` and, on the gradient, its conjugate `backward`."""
+    def fwd(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
+        return forward(x, group, dim)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.group, ctx.dim), None, None
+    def bwd(ctx, g):
+        return backward(g, ctx.group, ctx.dim), None, None
 
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.group, ctx.dim), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _AllGatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.group, ctx.dim), None, None
+def _identity(x, group, dim):
+    return x.view_as(x)
 
 
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.group, ctx.dim), None, None
+_CopyToRegion = _conjugate_pair("CopyToRegion", _identity, lambda g, group, dim: _all_reduce(g, group))
+_ReduceFromRegion = _conjugate_pair("ReduceFromRegion", lambda x, group, dim: _all_reduce(x, group), _identity)
+_ScatterToRegion = _conjugate_pair("ScatterToRegion", _split, _gather)
+_GatherFromRegion = _conjugate_pair("GatherFromRegion", _gather, _split)
+_AllGatherSequence = _conjugate_pair("AllGatherSequence", _gather, _reduce_scatter)
+_ReduceScatterSequence = _conjugate_pair("ReduceScatterSequence", _reduce_scatter, _gather)
 
 
 def copy_to_tp_region(x, group):
     """Identity forward; all-reduce of the gradient backward (the input of a column-parallel layer)."""
-    return x if _size(group) == 1 else _CopyToRegion.apply(x, group)
+    return x if _size(group) == 1 else _CopyToRegion.apply(x, group, 0)
 
 
 def reduce_from_tp_region(x, group):
     """All-reduce forward; identity backward (the output of a row-parallel layer)."""
-    return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group)
+    return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group, 0)
 
 
 def scatter_to_tp_region(x, group, dim: int = -1):

@@ -94,7 +94,7 @@ def test_stages_match_single_process_adamw(world):
 
 def _missing_no_sync_worker(rank, world):
     model = mlp()
-    opt = ZeroOptimizer([model], stage=1, overlap_comm=True, **HP)
+    _opt = ZeroOptimizer([model], stage=1, overlap_comm=True, **HP)  # kept alive: its hooks are under test
     x, y = batches(1, 1)[0][0]
     F.mse_loss(model(x), y).backward()  # the default: every micro-batch is the last
     try:
