@@ -137,3 +137,20 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tiny_corpus, 
     _, err = restarted.communicate(timeout=300)
     assert restarted.returncode == 0, err[-3000:]
     assert_continues(losses(metrics), uninterrupted)
+
+
+def test_a_stuck_rank_is_reported_and_the_job_exits(tiny_corpus):
+    prefix, tok = tiny_corpus
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/scripts/hang_one_rank.py", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+           "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "5",
+           "--lr", "1e-3", "--data-path", prefix, "--tokenizer-model", tok, "--eval-iters", "0", "--sample-tokens",
+           "0", "--make-vocab-size-divisible-by", "8", "--distributed-timeout-minutes", "0.1"]
+    start = time.monotonic()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert time.monotonic() - start < 120  # never a silent hang
+    # The dp reduction launched during the backward is waited on in the optimizer step.
+    assert ("megaengine: error: rank 0 (tp 0, pp 0, dp 0) gave up in the optimizer step of "
+            "iteration 2: a peer did not answer within --distributed-timeout-minutes 0.1") in out.stderr, out.stderr[-3000:]

@@ -5,6 +5,7 @@ exit. `train(args)` runs the loop; `train_step` does one optimizer step over the
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -26,6 +27,27 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite steps); every rank raises it together."""
 
 
+class PeerTimeout(RuntimeError):
+    """A collective or p2p transfer gave up waiting for a peer; raised by the ranks that were left waiting."""
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "nccl")
+
+
+@contextlib.contextmanager
+def watch(phase: str, iteration: int, state, minutes: float):
+    """Name the rank, iteration and phase when a peer stops answering, instead of a bare backend error."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, PeerTimeout) or not any(w in str(e).lower() for w in _PEER_FAILURES):
+            raise
+        raise PeerTimeout(
+            f"rank {dist.get_rank()} (tp {state.tp_rank}, pp {state.pp_rank}, dp {state.dp_rank}) gave up in "
+            f"{phase} of iteration {iteration}: a peer did not answer within --distributed-timeout-minutes "
+            f"{minutes:g} (it is stuck, slow or dead). Backend said: {str(e)[:300]}") from None
+
+
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,6 +60,9 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"megaengine: error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 3
+    except PeerTimeout as e:  # only the ranks left waiting know: each of them says so
+        print(f"megaengine: error: {e}", file=sys.stderr, flush=True)
+        return 4
     finally:
         parallel.destroy()
     return 0
@@ -364,9 +389,12 @@ def train(args) -> None:
             lr = learning_rate(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
                                decay_iters=decay_iters, style=args.lr_decay_style)
         start = time.monotonic()
-        window_loss += train_step(chunks, optimizer, next_batches(loader, num_micro, state.device, config.vocab_size),
-                                  plan, state)
-        grad_norm, was_skipped = optimizer.step(lr)
+        minutes = args.distributed_timeout_minutes
+        with watch("forward, backward and gradient reduction", iteration + 1, state, minutes):
+            batches = next_batches(loader, num_micro, state.device, config.vocab_size)
+            window_loss += train_step(chunks, optimizer, batches, plan, state)
+        with watch("the optimizer step", iteration + 1, state, minutes):
+            grad_norm, was_skipped = optimizer.step(lr)
         iteration += 1
         window_steps += 1
         skipped += int(was_skipped)
@@ -377,7 +405,8 @@ def train(args) -> None:
                   f"loss scale {optimizer.loss_scale:g})", flush=True)
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            reduce_loss(window_loss, state)
+            with watch("loss logging", iteration, state, minutes):
+                reduce_loss(window_loss, state)
             loss = window_loss.item() / (window_steps * state.dp_size)
             logger.log(iteration, loss=loss, lr=lr, grad_norm=grad_norm, iter_seconds=window_time / window_steps,
                        skipped=skipped)
@@ -390,14 +419,17 @@ def train(args) -> None:
                 f"({args.save or 'none: no --save'}) is untouched; lower --lr or check the data, then resume.")
         if data.valid is not None and args.eval_iters > 0 and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            logger.log_eval(iteration, evaluate(chunks, data.valid, args, state, plan))
-        signalled = args.exit_signal_handler and exit_signal.any_rank(state.device)
+            with watch("evaluation", iteration, state, minutes):
+                logger.log_eval(iteration, evaluate(chunks, data.valid, args, state, plan))
+        with watch("the exit-signal check", iteration, state, minutes):
+            signalled = args.exit_signal_handler and exit_signal.any_rank(state.device)
         exiting = signalled or (args.exit_interval and iteration % args.exit_interval == 0)
         # No save inside a run of skipped steps: the newest checkpoint stays the last good one.
         if args.save and consecutive_skips == 0 and ((args.save_interval and iteration % args.save_interval == 0)
                                                      or iteration == args.train_iters or exiting):
-            checkpoint.save_training_state(args.save, iteration, chunks=chunks, optimizer=optimizer, loader=loader,
-                                           config=config, state=state, args=args)
+            with watch("the checkpoint save", iteration, state, minutes):
+                checkpoint.save_training_state(args.save, iteration, chunks=chunks, optimizer=optimizer,
+                                               loader=loader, config=config, state=state, args=args)
         if exiting:
             if is_rank0:
                 why = "SIGTERM received" if signalled else f"--exit-interval {args.exit_interval}"
