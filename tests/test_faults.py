@@ -36,6 +36,17 @@ def launch(args, *torchrun_flags):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
+def finish(proc, timeout=300):
+    """Wait for a launched job; on a timeout kill its whole process group so nothing is left running."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"the job did not finish in {timeout}s: {err[-3000:]}") from None
+    return proc.returncode, err
+
+
 def losses(metrics):
     """The loss of each iteration; a resumed run's records replace the ones it repeats."""
     out = {}
@@ -55,6 +66,7 @@ def wait_for_iteration(metrics, n, proc, timeout=240):
         if proc.poll() is not None:
             raise AssertionError(f"training ended early: {proc.communicate()[1][-2000:]}")
         time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError(f"iteration {n} not reached")
 
 
@@ -74,9 +86,8 @@ def children(pid):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clean")
-    proc = launch(flags(tiny_corpus, tmp / "ckpt", tmp / "m.jsonl"))
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    code, err = finish(launch(flags(tiny_corpus, tmp / "ckpt", tmp / "m.jsonl")))
+    assert code == 0, err[-3000:]
     return losses(tmp / "m.jsonl")
 
 
@@ -92,9 +103,8 @@ def test_kill_9_then_restart_continues_the_loss_curve(tiny_corpus, tmp_path, uni
     wait_for_iteration(tmp_path / "m.jsonl", 10, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every worker, mid-iteration
     proc.wait()
-    restarted = launch(args)  # no --load: a job restarted on its --save directory resumes from it
-    _, err = restarted.communicate(timeout=300)
-    assert restarted.returncode == 0, err[-3000:]
+    code, err = finish(launch(args))  # no --load: a job restarted on its --save directory resumes from it
+    assert code == 0, err[-3000:]
     assert_continues(losses(tmp_path / "m.jsonl"), uninterrupted)
 
 
@@ -104,8 +114,8 @@ def test_torchrun_max_restarts_resumes_after_a_worker_dies(tiny_corpus, tmp_path
     agent_children = children(proc.pid)
     workers = [k for c in agent_children for k in children(c)] or agent_children
     os.kill(workers[-1], signal.SIGKILL)  # one worker dies; torchrun restarts the group
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    code, err = finish(proc)
+    assert code == 0, err[-3000:]
     assert_continues(losses(tmp_path / "m.jsonl"), uninterrupted)
 
 
@@ -133,9 +143,8 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tiny_corpus, 
     with pytest.raises(RuntimeError, match="rank 0: no result"):
         run_distributed(_die_during_save, 4, args, timeout=60)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    restarted = launch(args)
-    _, err = restarted.communicate(timeout=300)
-    assert restarted.returncode == 0, err[-3000:]
+    code, err = finish(launch(args))
+    assert code == 0, err[-3000:]
     assert_continues(losses(metrics), uninterrupted)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megaengine.parallel import comm
 from megaengine.tensor_parallel.layers import resolve_group
@@ -46,4 +47,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, group=None) -> torch.Tensor:
     """Per-token loss (unreduced, float32) for logits split over the tp group along the last dim."""
-    return _VocabParallelCrossEntropy.apply(logits_shard, target, resolve_group(group))
+    group = resolve_group(group)
+    if dist.get_world_size(group) == 1:  # the whole vocabulary is here: torch's fused kernel
+        flat = logits_shard.float().reshape(-1, logits_shard.shape[-1])
+        return F.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)
+    return _VocabParallelCrossEntropy.apply(logits_shard, target, group)

@@ -127,6 +127,8 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dist.get_world_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
+            return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = comm.scatter_to_tp_region(x, self.group, dim=-1)
         y = F.linear(x, self.weight)
@@ -165,6 +167,8 @@ class VocabParallelEmbedding(nn.Module):
         mark_tensor_parallel(self.weight, 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab_start == 0 and self.vocab_end == self.num_embeddings:  # tp = 1: nothing to mask or sum
+            return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
