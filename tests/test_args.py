@@ -36,6 +36,14 @@ def check(argv, world=4):
     (["--hidden-dropout", "1.5"], 1, "--hidden-dropout=1.5 must be in [0, 1)"),
     (["--lr-decay-style", "exp"], 1, "invalid choice: 'exp'"),
     (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
+    (["--pp", "4", "--num-layers", "6"], 4, "--num-layers"),
+    (["--pp", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+     "--num-layers=4 is not divisible by --pipeline-model-parallel-size x --num-layers-per-virtual-pipeline-stage = 2 x 3"),
+    (["--pp", "4", "--num-layers", "4", "--global-batch-size", "4"], 4, "--global-batch-size"),
+    (["--pp", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6",
+      "--micro-batch-size", "2"], 2, "multiple"),
+    (["--pp", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-schedule", "1f1b"],
+     2, "needs --pipeline-schedule interleaved"),
 ])
 def test_bad_input_names_flag_value_and_fix(argv, world, needle):
     with pytest.raises(ConfigError) as e:

@@ -15,10 +15,10 @@ def layer_ranges(num_layers: int, pp: int, virtual_stages: int = 1) -> list[list
                           f"({virtual_stages}) must be >= 1.")
     stages = pp * virtual_stages
     if num_layers % stages:
-        per_rank = num_layers / pp
+        other = (f", or a --num-layers-per-virtual-pipeline-stage that divides the {num_layers // pp} layers per "
+                 "rank") if num_layers % pp == 0 else ""
         raise ConfigError(
             f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} x "
-            f"{virtual_stages} virtual stages = {stages}. Choose --num-layers as a multiple of {stages}, or a "
-            f"--num-layers-per-virtual-pipeline-stage that divides the {per_rank:g} layers per rank.")
+            f"{virtual_stages} virtual stages = {stages}. Choose --num-layers as a multiple of {stages}{other}.")
     per = num_layers // stages
     return [[((c * pp + r) * per, (c * pp + r + 1) * per) for c in range(virtual_stages)] for r in range(pp)]

@@ -200,8 +200,38 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')}={v} must be in [0, 1).")
     model_config(args, vocab_size=1).validate(tp)
+    if pp > 1 or args.num_layers_per_virtual_pipeline_stage:
+        from megaengine.pipeline import schedules
+        from megaengine.pipeline.partition import layer_ranges
+        v = virtual_stages(args)
+        layer_ranges(args.num_layers, pp, v)
+        if pp > 1:  # the schedule itself checks micro-batches against stages
+            schedules.build(pipeline_schedule(args), pp, glob // (micro * dp), v)
     if args.zero_config:
         load_zero_config(args, dp)
+
+
+def virtual_stages(args) -> int:
+    """Model chunks per pipeline rank: num_layers / (pp x --num-layers-per-virtual-pipeline-stage), else 1."""
+    per_stage = args.num_layers_per_virtual_pipeline_stage
+    if not per_stage:
+        return 1
+    pp = args.pipeline_model_parallel_size
+    v, rest = divmod(args.num_layers, pp * per_stage)
+    if rest or v < 1:
+        raise ConfigError(f"--num-layers={args.num_layers} is not divisible by --pipeline-model-parallel-size x "
+                          f"--num-layers-per-virtual-pipeline-stage = {pp} x {per_stage} = {pp * per_stage}.")
+    return v
+
+
+def pipeline_schedule(args) -> str:
+    """--pipeline-schedule, defaulting to 1f1b, or interleaved when virtual stages are set (Megatron's rule)."""
+    v = virtual_stages(args)
+    name = args.pipeline_schedule or ("interleaved" if v > 1 else "1f1b")
+    if v > 1 and name != "interleaved":
+        raise ConfigError(f"--num-layers-per-virtual-pipeline-stage makes {v} virtual stages, which needs "
+                          f"--pipeline-schedule interleaved (got {name}).")
+    return name
 
 
 def cli_for_zero_config(args, dp: int, auto_sources: set) -> dict:

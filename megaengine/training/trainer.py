@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megaengine import parallel
 from megaengine.parallel import ConfigError, comm
 from megaengine.training import checkpoint
-from megaengine.training.args import model_config, parse_args, validate
+from megaengine.training.args import model_config, parse_args, pipeline_schedule, validate, virtual_stages
 from megaengine.training.lr_schedule import learning_rate
 from megaengine.training.metrics import ProgressLogger, device_peak_tflops, flops_per_token
 
@@ -137,17 +137,6 @@ def param_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def virtual_stages(args) -> int:
-    per_stage = args.num_layers_per_virtual_pipeline_stage
-    if not per_stage:
-        return 1
-    v, rest = divmod(args.num_layers, args.pipeline_model_parallel_size * per_stage)
-    if rest or v < 1:
-        raise ConfigError(f"--num-layers={args.num_layers} is not divisible by --pipeline-model-parallel-size x "
-                          f"--num-layers-per-virtual-pipeline-stage = {args.pipeline_model_parallel_size} x {per_stage}.")
-    return v
-
-
 def build_model_chunks(config, state, args) -> list:
     """This rank's model chunks: one GPT per virtual pipeline stage, chunk c holding virtual stage c*pp + r."""
     from megaengine.models import GPT
@@ -172,36 +161,10 @@ def plan_pipeline(args, state, config, num_micro: int) -> PipelinePlan | None:
     if state.pp_size == 1:
         return None
     from megaengine.pipeline import schedules
-    v = virtual_stages(args)
-    name = args.pipeline_schedule or ("interleaved" if v > 1 else "1f1b")
-    if v > 1 and name != "interleaved":
-        raise ConfigError(f"--num-layers-per-virtual-pipeline-stage makes {v} virtual stages, which needs "
-                          f"--pipeline-schedule interleaved (got {name}).")
-    actions = schedules.build(name, state.pp_size, num_micro, v)[state.pp_rank]
+    actions = schedules.build(pipeline_schedule(args), state.pp_size, num_micro, virtual_stages(args))[state.pp_rank]
     seq = config.seq_length // state.tp_size if config.sequence_parallel else config.seq_length
     return PipelinePlan(actions, (seq, args.micro_batch_size, config.hidden_size), param_dtype(args),
                         60.0 * args.distributed_timeout_minutes)
-
-
-def build_optimizer(model_chunks, args, state):
-    """From --zero-config (DeepSpeed JSON) if given, else plain data parallel (stage 0) or Megatron's
-    distributed optimizer (ZeRO-1, --use-distributed-optimizer) from the flags."""
-    from megaengine.zero.optimizer import ZeroOptimizer
-    zero = getattr(args, "zero", None)
-    if zero is not None:
-        from megaengine.zero.engine import optimizer_from_config
-        opt = optimizer_from_config(model_chunks, zero, dp_group=state.dp_group, tp_group=state.tp_group,
-                                    pp_group=state.pp_group)
-        if opt.stage == 3:  # the tied head reads the embedding outside its module: gather it there too
-            for chunk in model_chunks:
-                if chunk.pre_process and chunk.post_process and not chunk.config.untie_embeddings_and_output_weights:
-                    opt.register_external_parameter(chunk, chunk.word_embeddings.weight)
-        return opt
-    return ZeroOptimizer(
-        model_chunks, stage=1 if args.use_distributed_optimizer else 0, lr=args.lr,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, dp_group=state.dp_group, tp_group=state.tp_group, pp_group=state.pp_group,
-        reduce_bucket_size=args.ddp_bucket_size, overlap_comm=args.overlap_grad_reduce)
 
 
 def next_batches(loader, n: int, device, vocab_size: int | None = None) -> list:
