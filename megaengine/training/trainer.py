@@ -137,6 +137,27 @@ def param_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+def build_optimizer(model_chunks, args, state):
+    """From --zero-config (DeepSpeed JSON) if given, else plain data parallel (stage 0) or Megatron's
+    distributed optimizer (ZeRO-1, --use-distributed-optimizer) from the flags."""
+    from megaengine.zero.optimizer import ZeroOptimizer
+    zero = getattr(args, "zero", None)
+    if zero is not None:
+        from megaengine.zero.engine import optimizer_from_config
+        opt = optimizer_from_config(model_chunks, zero, dp_group=state.dp_group, tp_group=state.tp_group,
+                                    pp_group=state.pp_group)
+        if opt.stage == 3:  # the tied head reads the embedding outside its module: gather it there too
+            for chunk in model_chunks:
+                if chunk.pre_process and chunk.post_process and not chunk.config.untie_embeddings_and_output_weights:
+                    opt.register_external_parameter(chunk, chunk.word_embeddings.weight)
+        return opt
+    return ZeroOptimizer(
+        model_chunks, stage=1 if args.use_distributed_optimizer else 0, lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad, dp_group=state.dp_group, tp_group=state.tp_group, pp_group=state.pp_group,
+        reduce_bucket_size=args.ddp_bucket_size, overlap_comm=args.overlap_grad_reduce)
+
+
 def build_model_chunks(config, state, args) -> list:
     """This rank's model chunks: one GPT per virtual pipeline stage, chunk c holding virtual stage c*pp + r."""
     from megaengine.models import GPT
