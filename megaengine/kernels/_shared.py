@@ -147,12 +147,26 @@ _NORM_CONFIGS = {
 }
 
 
+# Most row elements one thread may hold (BLOCK_N / (32 * num_warps)) before registers spill: found by
+# tests/kernels/test_triton_compile.py, which compiles every kept config for sm_80 and sm_90.
+_MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
+
+
+def norm_pick(kind: str):
+    """pick(major, args) for triton.autotune: this GPU generation's configs with enough threads for BLOCK_N."""
+    table = _NORM_CONFIGS[kind]
+
+    def pick(major, args):
+        configs = table["hopper" if major >= 9 else "ampere"]
+        return [c for c in configs if args["BLOCK_N"] <= _MAX_PER_THREAD[kind] * 32 * c.num_warps]
+    return pick
+
+
 def norm_configs(kind: str) -> dict:
     """triton.autotune keyword arguments for a norm kernel ("fwd" or "bwd")."""
     table = _NORM_CONFIGS[kind]
     return dict(configs=table["hopper"] + table["ampere"], key=["N", "BLOCK_N"],
-                prune_configs_by={"early_config_prune": prune_by_arch(
-                    lambda major, args: table["hopper" if major >= 9 else "ampere"])})
+                prune_configs_by={"early_config_prune": prune_by_arch(norm_pick(kind))})
 
 
 def launch(kernel, tuned, grid, args, meta):

@@ -329,23 +329,31 @@ def _configs(shapes):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by GPU generation and head dim (16 and 32 use the 64 lists); the
 # backward keeps the iterated-over dimension small (BLOCK_M for dk/dv, BLOCK_N for dq), as FlashAttention-2
-# does. Every entry compiled for sm_80 / sm_90 in bf16 without register spills (checked offline with
-# triton.compile and cuobjdump, no GPU); which is fastest is left to the autotuner.
+# does. fp32 inputs get small tiles on every GPU: their "ieee" dots run on FMA units, and larger tiles spill
+# registers and take tens of seconds each to compile. tests/kernels/test_triton_compile.py compiles every
+# entry for sm_80 / sm_90 (no GPU needed) and checks that it fits in shared memory and spills no registers;
+# which one is fastest is left to the autotuner.
 _FWD = {
     "hopper": {64: _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]),
                128: _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]),
-               256: _configs([(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)])},
+               256: _configs([(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 1)])},
     "ampere": {64: _configs([(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3)]),
                128: _configs([(128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)]),
-               256: _configs([(64, 64, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2)])},
+               256: _configs([(64, 64, 8, 2), (64, 32, 8, 2)])},
+    "fp32": {64: _configs([(32, 32, 8, 1), (32, 16, 8, 1)]),
+             128: _configs([(32, 16, 8, 1), (16, 32, 8, 1)]),
+             256: _configs([(16, 32, 8, 1), (32, 16, 8, 1)])},
 }
 _DKDV = {
     "hopper": {64: _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]),
-               128: _configs([(32, 64, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)]),
-               256: _configs([(32, 32, 8, 2), (16, 32, 4, 2)])},
+               128: _configs([(32, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3), (16, 64, 8, 3)]),
+               256: _configs([(32, 32, 8, 2), (16, 32, 8, 2)])},
     "ampere": {64: _configs([(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)]),
-               128: _configs([(32, 64, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2)]),
+               128: _configs([(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 8, 2)]),
                256: _configs([(32, 32, 8, 2), (16, 32, 4, 2)])},
+    "fp32": {64: _configs([(16, 16, 8, 1), (32, 32, 8, 1)]),
+             128: _configs([(32, 16, 8, 1), (16, 32, 8, 1)]),
+             256: _configs([(16, 16, 8, 1)])},
 }
 _DQ = {
     "hopper": {64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]),
@@ -353,13 +361,17 @@ _DQ = {
                256: _configs([(64, 32, 8, 2), (128, 32, 8, 2), (128, 16, 8, 2)])},
     "ampere": {64: _configs([(128, 32, 8, 3), (64, 32, 4, 3), (128, 16, 8, 3), (64, 16, 4, 3)]),
                128: _configs([(64, 32, 8, 2), (64, 32, 4, 2), (128, 16, 8, 2), (64, 16, 4, 2)]),
-               256: _configs([(64, 32, 8, 2), (64, 16, 4, 2)])},
+               256: _configs([(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2)])},
+    "fp32": {64: _configs([(32, 32, 8, 1), (16, 16, 8, 1)]),
+             128: _configs([(32, 32, 8, 1), (16, 32, 8, 1)]),
+             256: _configs([(16, 32, 8, 1), (32, 16, 8, 1)])},
 }
 
 
 def _pick(table):
     def pick(major, args):
-        by_dim = table["hopper" if major >= 9 else "ampere"]
+        """The configs for this GPU generation (Hopper is major 9), input dtype and head dim."""
+        by_dim = table["fp32" if args["Q"].dtype == torch.float32 else "hopper" if major >= 9 else "ampere"]
         return by_dim[64 if args["HEAD_DIM"] <= 64 else args["HEAD_DIM"]]
     return pick
 
@@ -368,13 +380,18 @@ def _all(table):
     return [c for by_dim in table.values() for cs in by_dim.values() for c in cs]
 
 
-_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL"]
-_attn_fwd_tuned = triton.autotune(_all(_FWD), key=_KEY, prune_configs_by={"early_config_prune": prune_by_arch(
-    _pick(_FWD))})(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_all(_DKDV), key=_KEY, prune_configs_by={
-    "early_config_prune": prune_by_arch(_pick(_DKDV))})(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_all(_DQ), key=_KEY, prune_configs_by={
-    "early_config_prune": prune_by_arch(_pick(_DQ))})(_attn_bwd_dq)
+# Which configs each autotuned kernel may try, as pick(major, args); the compile test reads this too.
+PICKS = {"_attn_fwd": _pick(_FWD), "_attn_bwd_dkdv": _pick(_DKDV), "_attn_bwd_dq": _pick(_DQ)}
+
+
+def _tuned(kernel, table, pick):
+    return triton.autotune(_all(table), key=["seq_q", "seq_k", "HEAD_DIM", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": prune_by_arch(pick)})(kernel)
+
+
+_attn_fwd_tuned = _tuned(_attn_fwd, _FWD, PICKS["_attn_fwd"])
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _DKDV, PICKS["_attn_bwd_dkdv"])
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _DQ, PICKS["_attn_bwd_dq"])
 
 
 # ----------------------------------------------------------------------------------------------------------

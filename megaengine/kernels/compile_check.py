@@ -1,0 +1,203 @@
+"""Ahead-of-time compile check of every Triton config the autotuner may try, for Ampere (sm_80) and Hopper
+(sm_90), with the installed Triton's own ptxas: no GPU needed. Each config must compile, fit in the GPU's
+shared memory and spill no registers (cuobjdump's STACK and LOCAL are 0). The Triton interpreter runs the
+kernels' logic on CPU but checks none of this; a config that fails here is skipped by the autotuner on a GPU
+(out of resources) or runs slowly (spills).
+
+    TRITON_INTERPRET=0 python -m megaengine.kernels.compile_check [--json results.json]
+
+prints one line per config (registers, shared memory, spills) and exits 1 if any fails. Arguments are
+specialised as a launch on contiguous tensors specialises them: pointers and strides 16-byte divisible,
+head-dim strides equal to 1. Attention is compiled causal, whose code is a superset of the non-causal one.
+tests/kernels/test_triton_compile.py runs it in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+ARCHS = (80, 90)
+FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "DW_PART", "DB_PART"}
+FLOAT_ARGS = {"eps", "scale", "scale_log2"}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def unavailable_reason():
+    """Why configs cannot be compiled here, or None: the AOT API and the NVIDIA backend's binaries."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as error:
+        return f"no Triton with an ahead-of-time compile API ({error})"
+    if not os.path.exists(_cuobjdump(triton)):
+        return "this Triton ships no NVIDIA backend binaries (ptxas, cuobjdump)"
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+        return "TRITON_INTERPRET is on: kernels are interpreted functions, which cannot be compiled"
+    return None
+
+
+def _cuobjdump(triton):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _kernel(name):
+    from megaengine.kernels import attention, layernorm, rmsnorm
+    for module in (attention, layernorm, rmsnorm):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise KeyError(name)
+
+
+def _signature(kernel, dtype, constexprs):
+    """(signature, constexprs, attrs) for triton.compile, as a launch on contiguous tensors would make them."""
+    signature, constexprs, attrs = {}, dict(constexprs), {}
+    for i, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.startswith("stride_") and arg.endswith("d"):  # the head-dim stride of a contiguous tensor
+            signature[arg], constexprs[arg] = "constexpr", 1
+        elif arg.startswith("stride_"):
+            signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        elif arg.isupper() and arg not in ("M", "N"):
+            signature[arg] = "*fp32" if arg in FP32_POINTERS else f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32" if arg in FLOAT_ARGS else "i32"
+    return signature, constexprs, attrs
+
+
+def compile_job(job) -> dict:
+    """Compile one job, (kernel, arch, dtype, constexprs, num_warps, num_stages): its registers, shared
+    memory and spills as cuobjdump reports them, or the compile error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    name, arch, dtype, constexprs, num_warps, num_stages = job
+    kernel = _kernel(name)
+    signature, constexprs, attrs = _signature(kernel, dtype, dict(constexprs))
+    target = GPUTarget("cuda", arch, 32)
+    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                  target=target, options=options.__dict__)
+    except Exception as error:  # a config that does not compile is a finding, reported with the others
+        return {"error": f"does not compile: {str(error).strip().splitlines()[-1][:300]}"}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([_cuobjdump(triton), "--dump-resource-usage", cubin.name], capture_output=True,
+                               text=True, timeout=120).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if found is None:
+        return {"error": f"cuobjdump printed no resource usage: {usage[:300]!r}"}
+    regs, stack, static_shared, local = map(int, found.groups())
+    return {"registers": regs, "stack": stack, "local": local, "shared": compiled.metadata.shared + static_shared}
+
+
+def problem(job, result) -> str | None:
+    """What is wrong with a compiled job, or None."""
+    if "error" in result:
+        return result["error"]
+    arch, found = job[1], []
+    if result["shared"] > SHARED_LIMIT[arch]:
+        found.append(f"needs {result['shared']} B of shared memory, more than sm_{arch}'s {SHARED_LIMIT[arch]}")
+    if result["stack"] or result["local"]:
+        found.append(f"spills registers ({result['registers']} registers, stack {result['stack']} B, "
+                     f"local {result['local']} B)")
+    return "; ".join(found) or None
+
+
+def _attention_jobs():
+    from megaengine.kernels.attention import PICKS
+    jobs = {}
+    for name, pick in PICKS.items():
+        for arch in ARCHS:
+            for dtype in ("bf16", "fp32"):
+                for head_dim in (64, 128, 256):
+                    args = {"Q": torch.empty(0, dtype=TORCH_DTYPE[dtype]), "HEAD_DIM": head_dim}
+                    for c in pick(arch // 10, args):
+                        constexprs = dict(HEAD_DIM=head_dim, CAUSAL=True, UPCAST=False,
+                                          PRECISION="ieee" if dtype == "fp32" else "tf32", **c.kwargs)
+                        jobs.setdefault(f"{name}-sm{arch}", []).append(
+                            (name, arch, dtype, tuple(constexprs.items()), c.num_warps, c.num_stages))
+    for arch in ARCHS:  # not autotuned: the launcher's fixed block
+        jobs[f"_attn_bwd_delta-sm{arch}"] = [
+            ("_attn_bwd_delta", arch, "bf16", (("HEAD_DIM", d), ("BLOCK_M", 64 if d <= 128 else 32)), 4, 3)
+            for d in (64, 128, 256)]
+    return jobs
+
+
+def _norm_jobs():
+    from megaengine.kernels._shared import CHUNK, ONE_PASS_MAX, ONE_PASS_MAX_BWD, norm_pick
+    jobs = {}
+    for kind, one_pass_max, kernels in (("fwd", ONE_PASS_MAX, {"_layer_norm_fwd": {"HAS_BIAS": True},
+                                                                "_rms_norm_fwd": {}}),
+                                        ("bwd", ONE_PASS_MAX_BWD, {"_layer_norm_bwd": {}, "_rms_norm_bwd": {}})):
+        for name, extra in kernels.items():
+            for arch in ARCHS:
+                for block_n, one_pass in ((1024, True), (one_pass_max, True), (CHUNK, False)):
+                    for c in norm_pick(kind)(arch // 10, {"BLOCK_N": block_n}):
+                        constexprs = dict(BLOCK_N=block_n, ONE_PASS=one_pass, **extra)
+                        jobs.setdefault(f"{name}-sm{arch}", []).append(
+                            (name, arch, "bf16", tuple(constexprs.items()), c.num_warps, c.num_stages))
+    return jobs
+
+
+def jobs() -> dict:
+    """Every config the autotuners may try, by family ("<kernel>-sm<arch>")."""
+    return {**_attention_jobs(), **_norm_jobs()}
+
+
+def describe(job) -> str:
+    name, arch, dtype, constexprs, num_warps, num_stages = job
+    shown = ", ".join(f"{k}={v}" for k, v in constexprs if k not in ("CAUSAL", "UPCAST", "PRECISION"))
+    return f"{name} sm_{arch} {dtype} {shown} warps={num_warps} stages={num_stages}"
+
+
+def run_all(workers: int | None = None) -> list:
+    """[(family, job, result)] for every job, compiled in `workers` processes (default: all cores, at most 8)."""
+    every = [(family, job) for family, family_jobs in jobs().items() for job in family_jobs]
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(compile_job, [job for _, job in every]))
+    return [(family, job, result) for (family, job), result in zip(every, results)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write every result to this file")
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"compile_check: cannot run: {reason}", file=sys.stderr)
+        return 2
+    rows = run_all(args.workers)
+    failed = 0
+    for family, job, result in rows:
+        why = problem(job, result)
+        failed += why is not None
+        usage = "" if "error" in result else (f"regs {result['registers']:3d}  shared {result['shared']:6d} B  "
+                                               f"spill {result['stack'] + result['local']} B")
+        print(f"{'FAIL' if why else 'ok  '}  {describe(job):70s} {usage}  {why or ''}")
+    print(f"{len(rows) - failed} of {len(rows)} configs fit and do not spill")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"family": family, "job": describe(job), "result": result, "problem": problem(job, result)}
+                       for family, job, result in rows], f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
