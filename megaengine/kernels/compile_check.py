@@ -1,15 +1,16 @@
 """Ahead-of-time compile check of every Triton config the autotuner may try, for Ampere (sm_80) and Hopper
 (sm_90), with the installed Triton's own ptxas: no GPU needed. Each config must compile, fit in the GPU's
-shared memory and spill no registers (cuobjdump's STACK and LOCAL are 0). The Triton interpreter runs the
-kernels' logic on CPU but checks none of this; a config that fails here is skipped by the autotuner on a GPU
-(out of resources) or runs slowly (spills).
+shared memory, spill no registers (cuobjdump's STACK and LOCAL are 0), and turn attention's fp16/bf16 dots
+into tensor-core instructions (wgmma on Hopper). The Triton interpreter runs the kernels' logic on CPU but
+checks none of this; a config that fails here is skipped by the autotuner on a GPU (out of resources) or
+runs slowly (spills, no tensor cores).
 
     TRITON_INTERPRET=0 python -m megaengine.kernels.compile_check [--json results.json]
 
-prints one line per config (registers, shared memory, spills) and exits 1 if any fails. Arguments are
-specialised as a launch on contiguous tensors specialises them: pointers and strides 16-byte divisible,
-head-dim strides equal to 1. Attention is compiled causal, whose code is a superset of the non-causal one.
-tests/kernels/test_triton_compile.py runs it in CI.
+prints one line per config (registers, shared memory, spills, tensor-core instructions) and exits 1 if any
+fails. Arguments are specialised as a launch on contiguous tensors specialises them: pointers and strides
+16-byte divisible, head-dim strides equal to 1. Attention is compiled causal, whose code is a superset of the
+non-causal one. tests/kernels/test_triton_compile.py runs it in CI.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 ARCHS = (80, 90)
 FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "DW_PART", "DB_PART"}
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
+# Attention kernels whose fp16/bf16 dots must run on tensor cores: wgmma on Hopper for head dims up to 128
+# (the training sizes; 256's dk/dv tiles are too narrow for it), mma.sync at least everywhere.
+TENSOR_CORE_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -102,7 +106,9 @@ def compile_job(job) -> dict:
     if found is None:
         return {"error": f"cuobjdump printed no resource usage: {usage[:300]!r}"}
     regs, stack, static_shared, local = map(int, found.groups())
-    return {"registers": regs, "stack": stack, "local": local, "shared": compiled.metadata.shared + static_shared}
+    ptx = compiled.asm["ptx"]
+    return {"registers": regs, "stack": stack, "local": local, "shared": compiled.metadata.shared + static_shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")}
 
 
 def problem(job, result) -> str | None:
@@ -115,6 +121,12 @@ def problem(job, result) -> str | None:
     if result["stack"] or result["local"]:
         found.append(f"spills registers ({result['registers']} registers, stack {result['stack']} B, "
                      f"local {result['local']} B)")
+    name, dtype, constexprs = job[0], job[2], dict(job[3])
+    if name in TENSOR_CORE_KERNELS and dtype != "fp32":
+        if arch >= 90 and constexprs["HEAD_DIM"] <= 128 and not result["wgmma"]:
+            found.append("no wgmma on Hopper (mma.sync only, about half its tensor-core rate)")
+        if not (result["wgmma"] or result["mma"]):
+            found.append("no tensor-core instruction at all")
     return "; ".join(found) or None
 
 
@@ -189,9 +201,10 @@ def main(argv=None) -> int:
         why = problem(job, result)
         failed += why is not None
         usage = "" if "error" in result else (f"regs {result['registers']:3d}  shared {result['shared']:6d} B  "
-                                               f"spill {result['stack'] + result['local']} B")
+                                               f"spill {result['stack'] + result['local']} B  "
+                                               f"wgmma {result['wgmma']} mma {result['mma']}")
         print(f"{'FAIL' if why else 'ok  '}  {describe(job):70s} {usage}  {why or ''}")
-    print(f"{len(rows) - failed} of {len(rows)} configs fit and do not spill")
+    print(f"{len(rows) - failed} of {len(rows)} configs pass")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"family": family, "job": describe(job), "result": result, "problem": problem(job, result)}

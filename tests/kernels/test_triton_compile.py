@@ -1,5 +1,5 @@
-"""Every Triton config the autotuners may try compiles for sm_80 and sm_90, fits in shared memory and spills
-no registers (megaengine.kernels.compile_check, no GPU needed). The check runs in a child process with
+"""Every Triton config the autotuners may try compiles for sm_80 and sm_90, fits in shared memory, spills no
+registers and, in attention, uses tensor cores (megaengine.kernels.compile_check, no GPU needed). The check runs in a child process with
 TRITON_INTERPRET=0, since this test session interprets the kernels."""
 import json
 import os
