@@ -68,12 +68,12 @@ def test_background_saves_are_complete_and_pruned(saved, reference):
 def assert_same_tensors(root, reference_root, iteration):
     """Pieces saved by many ranks assemble into the tensors one process saved at the same iteration.
 
-    Moments are compared over the whole state (all tensors as one vector): first moments to 1e-5, like the
-    gradients they average, second moments to 2e-5, since squaring doubles a relative error. Each tensor alone
-    must agree to 1e-4, which still catches any misplaced or stale piece (those are O(1) off): per tensor, the
-    bias gradients are sums of many near-cancelling terms, whose rounding differs with the layout's reduction
-    order (seen up to 1.2e-5 on one CPU model). Weights agree to 1e-4 per tensor, since Adam divides those
-    rounding differences by near-zero second moments (one step apart the weights differ by > 1e-3)."""
+    Each kind is compared as one vector over all its tensors: weights and first moments to 1e-5 relative,
+    second moments to 2e-5 (squaring doubles a gradient's relative error). Each tensor alone must agree to 1e-3,
+    which still catches any misplaced or stale piece (those are O(1) off) while leaving room for the bias
+    gradients: sums of many near-cancelling terms whose rounding follows the layout's reduction order, so
+    their relative error reaches 1e-5 (moments) and, once Adam normalises them, 7e-5 (bias weights), varying
+    with the CPU model."""
     for kind in checkpoint.KINDS:
         _, ours = checkpoint.consolidated_state_dict(str(root), kind)
         _, theirs = checkpoint.consolidated_state_dict(str(reference_root), kind, iteration=iteration)
@@ -82,10 +82,9 @@ def assert_same_tensors(root, reference_root, iteration):
         assert ours["word_embeddings.weight"].shape[0] == 512  # unpadded
         for name in ours:
             assert ours[name].shape == theirs[name].shape, name
-            assert rel_error(ours[name], theirs[name]) <= 1e-4, (kind, name)
-        if kind in ("exp_avg", "exp_avg_sq"):
-            whole = [torch.cat([d[name].flatten() for name in sorted(ours)]) for d in (ours, theirs)]
-            assert rel_error(*whole) <= (2e-5 if kind == "exp_avg_sq" else 1e-5), kind
+            assert rel_error(ours[name], theirs[name]) <= 1e-3, (kind, name)
+        whole = [torch.cat([d[name].flatten() for name in sorted(ours)]) for d in (ours, theirs)]
+        assert rel_error(*whole) <= (2e-5 if kind == "exp_avg_sq" else 1e-5), kind
 
 
 def test_saved_tensors_are_those_of_the_single_process_run(saved, reference):
