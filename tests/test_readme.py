@@ -12,7 +12,7 @@ def readme_commands():
 
 def test_readme_opens_with_two_commands():
     train, test = readme_commands()
-    assert "torchrun --nproc_per_node 4 pretrain_gpt.py --config configs/gpt-tiny.json --tp 2" in train
+    assert "torchrun --nproc_per_node 4 pretrain_gpt.py --config configs/gpt-tiny.json --tp 2 --pp 2" in train
     assert "pip install -q torch==2.13.0" in train and "pytest" in test
 
 
