@@ -33,7 +33,7 @@ FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 # Attention kernels whose fp16/bf16 dots must run on tensor cores: wgmma on Hopper for head dims up to 128
 # (the training sizes; 256's dk/dv tiles are too narrow for it), mma.sync at least everywhere.
 TENSOR_CORE_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
-TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def unavailable_reason():
