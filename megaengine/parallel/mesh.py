@@ -126,6 +126,10 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str 
     mesh = init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
     tp_group, pp_group, dp_group = (mesh.get_group(n) for n in ("tp", "pp", "dp"))
     embedding_group = _embedding_group(mesh.mesh, pp) if pp > 1 else None
+    # Groups are set up through the rendezvous store, which rank 0 hosts outside torchrun. Without this barrier
+    # a rank that is done first can fail fast on a bad input and exit, taking the store with it while a peer
+    # still builds its groups: the peer then dies of "Broken pipe" instead of reaching the same clear error.
+    dist.barrier()
     _STATE = ParallelState(
         mesh=mesh, tp_group=tp_group, pp_group=pp_group, dp_group=dp_group,
         tp_rank=mesh.get_local_rank("tp"), tp_size=tp,
