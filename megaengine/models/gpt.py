@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megaengine.models import recompute
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
@@ -50,6 +51,11 @@ class GPTConfig:
     attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
     normalization_backend: str = "auto"  # auto, torch, triton, cuda
     init_seed: int = 1234
+    # Activation recomputation (models/recompute.py), Megatron's flags: None (off), "selective" or "full";
+    # with full, recompute_method "uniform" (groups of recompute_num_layers) or "block" (the first N layers).
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
     def __post_init__(self):
@@ -91,6 +97,8 @@ class GPTConfig:
             (self.normalization_backend in ("auto", "torch", "triton", "cuda"), "--normalization-backend",
              self.normalization_backend, "choose auto, torch, triton or cuda"),
         ]
+        checks += recompute.check_config(self.recompute_granularity, self.recompute_method,
+                                         self.recompute_num_layers, self.num_layers)
         for ok, flag, value, fix in checks:
             if not ok:
                 raise ConfigError(f"{flag}={value} {fix}.")
@@ -185,7 +193,8 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(s, b, -1, d).permute(1, 2, 0, 3) for t in (q, k, v))  # (b, heads, s, d)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.core_attention(q, k, v)  # (b, hq, s, d)
+        selective = self.config.recompute_granularity == "selective" and self.training
+        out = recompute.checkpoint_if(selective, self.core_attention, q, k, v)  # (b, hq, s, d)
         out = out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
         return self.proj(out)
 
@@ -373,8 +382,9 @@ class GPT(nn.Module):
         else:
             seq = x.shape[0] * (self.tp_size if self.config.sequence_parallel else 1)
         rope = self.rope(seq, x.device)
-        for layer in self.layers:
-            x = layer(x, rope)
+        c = self.config
+        x = recompute.run_layers(self.layers, x, rope, granularity=c.recompute_granularity,
+                                 method=c.recompute_method, num_layers=c.recompute_num_layers, training=self.training)
         if not self.post_process:
             return x
         x = self.final_norm(x)

@@ -10,6 +10,12 @@ returns that micro-batch's scalar loss, already divided by num_microbatches; els
 of shape `tensor_shape`. Gradients accumulate in param.grad over the micro-batches; reducing them over data
 parallel ranks is the caller's job, after run_pipeline returns.
 
+Sent outputs are freed (Megatron's deallocate_output_tensor): once a SEND_F completes, the output's values
+live on the next stage; this stage keeps only the tensor object, whose grad_fn roots the micro-batch's graph,
+with its storage swapped for one element. The backward starts from the output's gradient edge, which needs
+no values. Memory is saved only when nothing in the graph saved the output itself (true of the GPT, whose
+last op is the residual add) and the output is not a view.
+
 Communication: each run of consecutive SEND/RECV actions in the schedule is one batch_isend_irecv on
 pp_group (global ranks from dist.get_global_rank), waited on as a whole. With `timeout` set, every wait has
 that deadline and an expired or failed wait raises RuntimeError naming the global rank, stage, micro-batch and
@@ -44,8 +50,8 @@ def run_pipeline(actions: list[Action], chunks: list[torch.nn.Module], *, pp_gro
     """Execute this rank's `actions`; return the per-micro-batch losses (detached) on the last stage, else None.
 
     If `stats` is a dict it receives: peak_held (most micro-batch chunks with activations held: forward
-    done, B not yet), compute_s and wait_s (seconds computing and blocked in p2p), and timeline, a list of
-    (start, end, action) in seconds from the call.
+    done, B not yet), compute_s and wait_s (seconds computing and blocked in p2p), timeline, a list of
+    (start, end, action) in seconds from the call, and freed_bytes (output bytes freed after their send).
     """
     if max(a.chunk for a in actions) >= len(chunks) or any(a.microbatch >= num_microbatches for a in actions):
         raise ValueError(f"the actions name chunks {sorted({a.chunk for a in actions})} and micro-batches up to "
@@ -59,7 +65,8 @@ def run_pipeline(actions: list[Action], chunks: list[torch.nn.Module], *, pp_gro
             run.compute(step[0])
     run.check_done()
     if stats is not None:
-        stats.update(peak_held=run.peak_held, compute_s=run.compute_s, wait_s=run.wait_s, timeline=run.timeline)
+        stats.update(peak_held=run.peak_held, compute_s=run.compute_s, wait_s=run.wait_s, timeline=run.timeline,
+                     freed_bytes=run.freed_bytes)
     if not is_last(run.rank, len(chunks) - 1, run.size, len(chunks)):
         return None
     if len(run.losses) != num_microbatches:
@@ -83,7 +90,7 @@ class _Run:
         self.to_send = {}  # ("F" | "B", chunk, mb) -> tensor waiting for its SEND
         self.weight_grads = {}  # deferred W closures of a split backward
         self.losses = {}
-        self.held = self.peak_held = 0
+        self.held = self.peak_held = self.freed_bytes = 0
         self.compute_s = self.wait_s = 0.0
         self.t0 = time.perf_counter()
         self.timeline = []
@@ -133,7 +140,7 @@ class _Run:
         if split:
             dx, self.weight_grads[key] = backward_split(out, grad, x)
         else:
-            torch.autograd.backward(out, grad_tensors=grad)
+            torch.autograd.backward(_root(out), grad_tensors=grad)
             dx = None if x is None else x.grad
         if not self._first(a.chunk):
             self.to_send[("B",) + key] = dx if dx is not None else torch.zeros_like(x)
@@ -155,6 +162,9 @@ class _Run:
         start = time.perf_counter()
         self._wait(dist.batch_isend_irecv(ops), batch, ops)
         self.wait_s += time.perf_counter() - start
+        for a in batch:
+            if a.kind == "SEND_F":
+                self.freed_bytes += deallocate_output(self.outputs[(a.chunk, a.microbatch)])
         for a, buf in received:
             key = (a.chunk, a.microbatch)
             if a.kind == "RECV_F":
@@ -187,6 +197,21 @@ class _Run:
             raise RuntimeError(f"pipeline stage {self.rank}: the action list left work undone: {left}")
 
 
+def deallocate_output(out: torch.Tensor) -> int:
+    """Swap a sent output's storage for one element; return the bytes freed (0 where it cannot be)."""
+    if out._base is not None or out.grad_fn is None or out.numel() <= 1:
+        return 0
+    freed = out.numel() * out.element_size()
+    out.data = torch.empty((1,), dtype=out.dtype, device=out.device)
+    return freed
+
+
+def _root(output: torch.Tensor):
+    """Where a backward from `output` starts: its gradient edge, which (unlike the tensor) needs no values,
+    so it works on a deallocated output; the tensor itself when it has no grad_fn (a leaf)."""
+    return get_gradient_edge(output) if output.grad_fn is not None else output
+
+
 # ---- the split backward ----
 
 def _leads_to(root, target) -> dict:
@@ -212,7 +237,8 @@ def backward_split(output: torch.Tensor, grad: torch.Tensor | None, x: torch.Ten
         grad = torch.ones_like(output)
     root = output.grad_fn
     if x is None or root is None:
-        return None, lambda: torch.autograd.backward(output, grad)
+        return None, lambda: torch.autograd.backward(_root(output), grad)
+    output = _root(output)
     leads = _leads_to(root, get_gradient_edge(x).node)
     if not leads[root]:
         return torch.zeros_like(x), lambda: torch.autograd.backward(output, grad)

@@ -56,12 +56,21 @@ def tp_rng():
         _restore(saved)
 
 
+def get_tp_state() -> dict:
+    """The tp-region stream alone: activation recomputation replays a region from where it started."""
+    return dict(_tp_state)
+
+
+def set_tp_state(state: dict) -> None:
+    _tp_state.clear()
+    _tp_state.update(state)
+
+
 def get_states() -> dict:
     """Both streams, for checkpoints."""
-    return {"default": _capture(), "tp": dict(_tp_state)}
+    return {"default": _capture(), "tp": get_tp_state()}
 
 
 def set_states(states: dict) -> None:
     _restore(states["default"])
-    _tp_state.clear()
-    _tp_state.update(states["tp"])
+    set_tp_state(states["tp"])

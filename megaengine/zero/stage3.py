@@ -11,6 +11,11 @@ Gathers: forward pre-hook (then the next units in first-forward order are prefet
 again (prefetching the previous units), and the unit is released when all its gradients have arrived (the
 reducer's `on_grads_ready`). A parameter used outside its module's forward (a tied output embedding read by
 the parent) must be announced with `register_external_parameter(module, param)`.
+
+Activation recomputation runs module forwards inside a backward pass. Such a forward gathers as usual but
+neither prefetches (forward order is the wrong direction there) nor releases, nor counts as a use (torch's
+early stop may cut it short before its post-hook): the backward that follows reads the same parameters and
+releases them when their gradients are ready, so each unit is still gathered twice per micro-batch.
 """
 from __future__ import annotations
 
@@ -28,6 +33,11 @@ FREE, GATHERING, READY = "free", "gathering", "ready"
 # The first layer's inputs never require grad; its backward pre-hook still fires, which is all we need.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
                                           "to module outputs")
+
+
+def _recomputing() -> bool:
+    """A forward inside a backward pass is activation recomputation (any checkpoint implementation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def split_persistent(chunks, params: list, threshold: int):
@@ -151,14 +161,18 @@ class ParamGatherer:
     # -- hooks ----------------------------------------------------------------------------------------------
     def _pre_forward(self, module, args) -> None:
         units = self.uses[id(module)]
+        recomputing = _recomputing()
         for u in units:
             if not self.traced and u not in self.order:
                 self.order.append(u)
             self._wait(u)
-            u.active += 1
-        self._prefetch(units, +1)
+            u.active += not recomputing
+        if not recomputing:
+            self._prefetch(units, +1)
 
     def _post_forward(self, module, args, output) -> None:
+        if _recomputing():
+            return
         for u in self.uses[id(module)]:
             u.active -= 1
             if u.active == 0:  # an enclosing module that reads it too (tied weights) keeps it
