@@ -361,7 +361,9 @@ class GPT(nn.Module):
             pos = torch.arange(ids.shape[0], device=ids.device)
             x = x + self.position_embeddings(pos).unsqueeze(1)
             if self.config.sequence_parallel:
-                x = comm.scatter_sequence(x, self.tp_group, dim=0)
+                # A clone: the shard is a view, which would keep the whole sequence alive for backward
+                # (Megatron's clone_scatter_output_in_embedding).
+                x = comm.scatter_sequence(x, self.tp_group, dim=0).clone()
         p = self.config.hidden_dropout if self.training else 0.0
         if p == 0.0:
             return x
