@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=["auto", "triton", "sdpa", "torch"], default="auto")
     g.add_argument("--normalization-backend", choices=["auto", "triton", "cuda", "torch"], default="auto")
 
+    g = p.add_argument_group("activation recomputation (Megatron's flags)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="selective: the attention core of every layer; full: whole layers (see --recompute-method)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: uniform recomputes groups of --recompute-num-layers layers, keeping each group's "
+                        "input; block recomputes the first --recompute-num-layers layers of each pipeline chunk")
+    g.add_argument("--recompute-num-layers", type=_positive_int("--recompute-num-layers"), default=None)
+    g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
+
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=_positive_int("--micro-batch-size"))
     g.add_argument("--global-batch-size", type=_positive_int("--global-batch-size"))
@@ -290,4 +299,13 @@ def model_config(args: argparse.Namespace, vocab_size: int):
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, init_method_std=args.init_method_std,
         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
         attention_backend=args.attention_backend, normalization_backend=args.normalization_backend,
-        init_seed=args.seed)
+        init_seed=args.seed, recompute_granularity=recompute_granularity(args),
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
+
+
+def recompute_granularity(args) -> str | None:
+    """--recompute-granularity, or selective for Megatron's --recompute-activations."""
+    if args.recompute_activations and args.recompute_granularity not in (None, "selective"):
+        raise ConfigError(f"--recompute-activations means --recompute-granularity selective, but "
+                          f"--recompute-granularity is {args.recompute_granularity}; drop one of them.")
+    return args.recompute_granularity or ("selective" if args.recompute_activations else None)

@@ -1,0 +1,80 @@
+"""Enumerate the layouts of a model on N GPUs and rank those that fit by predicted step time.
+
+Varied: tp (powers of two up to a node, dividing heads, query groups and ffn), pp (dividing the layers),
+virtual stages (interleaved, 2 or 4 chunks a rank), the schedule (1f1b, zb-h1, interleaved), dp (the rest),
+ZeRO stage (0-3; 3 only without pipelines, as the optimizer allows today; 1-3 only with dp > 1; not 0 with offload), the
+recomputation (none, selective, full uniform 1) and the micro-batch size (1, 2, 4, 8) at the run's global
+batch. Sequence parallelism is on whenever tp > 1 (Megatron's recommendation). Fixed: the model, the global
+batch, the ZeRO bucket sizes, the optimizer offload setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megaengine.errors import ConfigError
+from megaengine.plan.layout import Layout
+from megaengine.plan.predict import Hardware, Memory, StepTime, predict_memory, step_time
+
+RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective"),
+             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+ZERO3_WITH_PIPELINES = False  # ZeroOptimizer refuses stage 3 with pp > 1 for now
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    recompute: str
+    memory: Memory
+    time: StepTime
+
+
+def _tp_sizes(config, gpus_per_node: int):
+    t = 1
+    while t <= gpus_per_node:
+        if not (config.num_attention_heads % t or config.num_query_groups % t or config.ffn_hidden_size % t
+                or config.seq_length % t):
+            yield t
+        t *= 2
+
+
+def _pipelines(layers: int, world: int, tp: int):
+    for pp in range(1, layers + 1):
+        if layers % pp == 0 and (world // tp) % pp == 0:
+            yield from ((pp, 1, s) for s in (("1f1b", "zb-h1") if pp > 1 else ("1f1b",)))
+            for v in (2, 4):
+                if pp > 1 and layers % (pp * v) == 0:
+                    yield pp, v, "interleaved"
+
+
+def candidates(config, base: Layout, world: int, hw: Hardware):
+    for tp in _tp_sizes(config, hw.gpus_per_node):
+        for pp, v, schedule in _pipelines(config.num_layers, world, tp):
+            dp = world // (tp * pp)
+            for mbs in (1, 2, 4, 8):
+                for stage in range(4):
+                    if ((stage and dp == 1) or (stage == 3 and pp > 1 and not ZERO3_WITH_PIPELINES)
+                            or (stage == 0 and base.offload_optimizer)):
+                        continue
+                    layout = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, virtual=v, schedule=schedule,
+                                                 micro_batch=mbs, zero_stage=stage)
+                    for name, rc in RECOMPUTE.items():
+                        cfg = dataclasses.replace(config, sequence_parallel=tp > 1, **{
+                            "recompute_granularity": None, "recompute_method": None,
+                            "recompute_num_layers": None, **rc})
+                        try:
+                            layout.check(cfg)
+                        except ConfigError:
+                            continue
+                        yield cfg, layout, name
+
+
+def search(config, base: Layout, world: int, hw: Hardware) -> list[Candidate]:
+    """Every layout that fits, fastest first; among equally fast ones, the least communication, then the
+    least memory."""
+    fits = []
+    for cfg, layout, name in candidates(config, base, world, hw):
+        memory = predict_memory(cfg, layout, hw)
+        if memory.total_bytes <= hw.gpu_memory_gib * 2**30:
+            fits.append(Candidate(layout, name, memory, step_time(cfg, layout, hw, memory)))
+    return sorted(fits, key=lambda c: (round(c.time.step_s, 6), c.time.comm_bytes, c.memory.total_bytes))
