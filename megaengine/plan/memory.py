@@ -28,13 +28,16 @@ class ParamSpec:
 
 
 def chunk_params(config, tp: int, layers: tuple[int, int], pre_process: bool, post_process: bool) -> list[ParamSpec]:
-    """A GPT chunk's trainable parameters on one tp rank, in registration order."""
+    """A GPT chunk's trainable parameters on one tp rank, in nn.Module.parameters() order: the GPT's own
+    (the last stage's copy of a tied embedding) first, then its submodules' as registered."""
     c, h = config, config.hidden_size
     vocab = c.padded_vocab_size(tp) // tp
     d, a, g = c.kv_channels, c.num_attention_heads, c.num_query_groups
     norm = [("weight", h)] + ([("bias", h)] if c.normalization == "LayerNorm" else [])
     fc1 = (2 if c.swiglu else 1) * c.ffn_hidden_size // tp
     modules = []  # (module, [(name, numel)], tied)
+    if post_process and not pre_process and not c.untie_embeddings_and_output_weights:
+        modules.append(("", [("output_weight", vocab * h)], True))
     if pre_process:
         tied = not post_process and not c.untie_embeddings_and_output_weights
         modules.append(("word_embeddings", [("weight", vocab * h)], tied))
@@ -55,8 +58,6 @@ def chunk_params(config, tp: int, layers: tuple[int, int], pre_process: bool, po
         modules.append(("final_norm", norm, False))
         if c.untie_embeddings_and_output_weights:
             modules.append(("output_layer", [("weight", vocab * h)], False))
-        elif not pre_process:
-            modules.append(("", [("output_weight", vocab * h)], True))
     return [ParamSpec(m, f"{m}.{n}" if m else n, k, tied) for m, params, tied in modules for n, k in params]
 
 
@@ -78,17 +79,11 @@ def bucket_numels(params: list[ParamSpec], bucket_size: int, shards: int) -> lis
     return [_pad(k, shards) for k in groups]
 
 
-def _module_order(specs: list[ParamSpec]) -> list[str]:
-    """Modules in nn.Module.modules() order: the GPT itself first, then its children as registered."""
-    names = list(dict.fromkeys(p.module for p in specs))
-    return ([""] if "" in names else []) + [m for m in names if m]
-
-
 def stage3_units(chunks: list[list[ParamSpec]], threshold: int) -> tuple[list[ParamSpec], list[int]]:
     """(persistent params in registration order, unit sizes): split_persistent's split."""
     units, owned = [], set()
     for specs in chunks:
-        for module in _module_order(specs):
+        for module in dict.fromkeys(p.module for p in specs):  # modules() order, as the params are listed
             own = [p for p in specs if p.module == module and p.numel > threshold]
             if own:
                 units.append(sum(p.numel for p in own))
