@@ -62,10 +62,11 @@ def print_report(r: dict, hw: Hardware) -> None:
             ("activations / micro-batch", r["activation_bytes_per_microbatch"], ""),
             ("activations at peak", r["peak_activation_bytes"], f" ({held:.2f} micro-batches in flight)"),
             ("recompute working set", r["recompute_bytes"], ""), ("buffers (estimate)", r["buffer_bytes"], ""),
-            ("runtime overhead", r["overhead_bytes"], f" (--overhead-gib)"), ("total", r["total_bytes"], "")]
+            ("runtime overhead", r["overhead_bytes"], " (--overhead-gib)"), ("total", r["total_bytes"], "")]
     for name, value, note in rows:
         print(f"  {name:28s}{_gib(value)}{note}")
-    verdict = "fits" if r["fits"] else f"does NOT fit (short by {(r['total_bytes'] - r['gpu_memory_bytes']) / GiB:.2f} GiB)"
+    short = (r["total_bytes"] - r["gpu_memory_bytes"]) / GiB
+    verdict = "fits" if r["fits"] else f"does NOT fit (short by {short:.2f} GiB)"
     print(f"  on a {hw.gpu_memory_gib:g} GiB GPU: {verdict}")
     print(f"predicted step {r['step_seconds']:.3f} s, {r['tokens_per_second']:,.0f} tokens/s, MFU {r['mfu']:.1%} "
           f"(assumes {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s on the math)")

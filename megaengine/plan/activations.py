@@ -68,7 +68,8 @@ def kernels_for(config, device: str, dtype_bytes: int) -> Kernels:
     fused = config.normalization_backend in ("triton", "cuda") or (cuda and config.normalization_backend == "auto")
     torch_layernorm_stats = dtype_bytes  # CPU F.layer_norm keeps mean and rstd in the input dtype
     stat = 4 if fused or cuda or config.normalization == "RMSNorm" else torch_layernorm_stats
-    return Kernels(attention=attention, repeat_kv=backend != "triton", attention_bytes=4 if attention == "math" else dtype_bytes, fused_norms=fused,
+    return Kernels(attention=attention, repeat_kv=backend != "triton",
+                   attention_bytes=4 if attention == "math" else dtype_bytes, fused_norms=fused,
                    mask_bytes=1 if cuda else dtype_bytes, stat_bytes=stat)
 
 

@@ -72,3 +72,13 @@ def test_chunk_bytes_per_microbatch_match_counted(tp, overrides):
         for rank_rows in run_distributed(_chunk_worker, tp, overrides, dtype):
             for first, last, measured, predicted in rank_rows:
                 assert abs(predicted / measured - 1) <= TOL, (overrides, dtype, first, last, measured, predicted)
+
+
+def test_pipeline_frees_each_sent_output(bench):
+    """1F1B at pp 2: stage 0 frees every micro-batch's output once sent (Megatron's deallocate_output_tensor);
+    the last stage sends none. Training results with the freeing on are checked by the pipeline parity
+    tests (tests/distributed/test_recompute.py, test_training.py)."""
+    m, seq, b, hidden = 4, 16, 2, 32
+    (freed0, held0), (freed1, _) = run_distributed(bench._pipeline_rank, 2, seq, b, hidden, m)
+    assert freed0 == m * seq * b * hidden * 4 and held0 == 2
+    assert freed1 == 0

@@ -166,3 +166,28 @@ def test_bad_flags_are_config_errors(argv, flag, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert flag in err, err
+
+
+PLAN_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+              "--micro-batch-size", "2", "--global-batch-size", "2", "--vocab-size", "100",
+              "--make-vocab-size-divisible-by", "8", "--device", "cpu", "--recompute-granularity", "full",
+              "--recompute-method", "block", "--recompute-num-layers", "1"]
+
+
+def _counted_worker(rank, world, flags):
+    from megaengine import parallel
+    from megaengine.models import GPT
+    from megaengine.plan.layout import from_args, parse
+    from megaengine.plan.measure import chunk_saved_bytes
+    state = parallel.initialize()
+    config, layout = from_args(parse(flags))
+    model = GPT(config, state.tp_group).to(torch.bfloat16 if layout.dtype_bytes == 2 else torch.float32)
+    tokens = torch.randint(0, 100, (layout.micro_batch, config.seq_length + 1))
+    return chunk_saved_bytes(model, tokens[:, :-1], tokens[:, 1:])
+
+
+@pytest.mark.parametrize("extra", [[], ["--bf16"]])
+def test_cli_activations_per_microbatch_match_counted(extra, capsys):
+    planned = _plan_json(PLAN_FLAGS + extra, capsys)["activation_bytes_per_microbatch"]
+    (counted,) = run_distributed(_counted_worker, 1, PLAN_FLAGS + extra)
+    assert abs(planned / counted - 1) <= 0.05, (planned, counted)
