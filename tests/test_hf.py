@@ -132,7 +132,7 @@ def test_gpt2_tanh_gelus_map_to_the_tanh_approximation():
 
 def test_cli_writes_a_loadable_directory_with_the_tokenizer(tmp_path, monkeypatch):
     from megaengine.tools import export_hf
-    from megaengine.training import checkpoint
+    from megaengine import checkpoint
     config = CONFIGS["llama-gqa"]
     model = build(config)
     ckpt, tokenizer = tmp_path / "ckpt", tmp_path / "tok.model"

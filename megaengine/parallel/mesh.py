@@ -81,6 +81,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reseed(seed: int, state: "ParallelState") -> None:
+    """Fresh streams the way initialize() makes them (a resume at another layout, where saved ones do not map)."""
+    from megaengine.tensor_parallel.random import model_parallel_seed
+    seed_everything(seed)
+    model_parallel_seed(seed, state.tp_rank, state.pp_rank)
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's random streams (both of tensor_parallel.random's) as tensors and plain
+    data, so that a checkpoint holding them loads with weights_only=True."""
+    from megaengine.tensor_parallel import random as tp_random
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": tp_random.get_states(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
+
+
+def set_rng_state(s: dict) -> None:
+    from megaengine.tensor_parallel import random as tp_random
+    n = s["numpy"]
+    random.setstate(s["python"])
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    tp_random.set_states(s["torch"])
+
+
 def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -138,9 +164,7 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str 
         device=device, seed=seed, embedding_group=embedding_group)
     # The same seed everywhere: weights are created whole and sliced, so every rank must draw the same numbers.
     # The tp-region dropout stream is forked per tp rank by tensor_parallel.random.
-    seed_everything(seed)
-    from megaengine.tensor_parallel.random import model_parallel_seed
-    model_parallel_seed(seed, _STATE.tp_rank, _STATE.pp_rank)
+    reseed(seed, _STATE)
     return _STATE
 
 

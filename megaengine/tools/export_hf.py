@@ -22,9 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def checkpoint_tokenizer(root: str) -> str | None:
     """The --tokenizer-model the checkpoint was trained with, if it names one that still exists."""
-    from megaengine.training.checkpoint import load_meta
+    from megaengine.checkpoint import load_meta
     _, meta = load_meta(root)
-    path = (meta.get("args") or {}).get("tokenizer_model")
+    path = meta.get("tokenizer_model") or (meta.get("args") or {}).get("tokenizer_model")
     return path if path and os.path.exists(path) else None
 
 
