@@ -11,9 +11,9 @@ from megaengine.errors import ConfigError
 from megaengine.tools import hf_tokenizer
 
 NASTY = ["", " ", "   ", "\t", "\n", "\r\n", " x", "x ", "  leading", "trailing  \n", "def main(", "a\n\n\n\tb",
-         "\t\t \n  \r\n\r\n", "    return x\n", "if x:\r\n\treturn\r\n", "😀 é e\u0301", "日本語のテキスト", "ǅ\u200b\ufeff",
-         "\x00\x01\x7f", "<s>not a bos</s>", "<unk>", "<0x41>", "ﬁ ß \U0010fffd", "x" * 300, " " * 33 + "y", "1234567890",
-         "λx. x²", "\u00a0nbsp\u2028line"]
+         "\t\t \n  \r\n\r\n", "    return x\n", "if x:\r\n\treturn\r\n", "😀 é e\u0301", "日本語のテキスト",
+         "ǅ\u200b\ufeff", "\x00\x01\x7f", "<s>not a bos</s>", "<unk>", "<0x41>", "ﬁ ß \U0010fffd", "x" * 300,
+         " " * 33 + "y", "1234567890", "λx. x²", "\u00a0nbsp\u2028line"]
 
 
 @pytest.fixture(scope="module")

@@ -125,8 +125,8 @@ def fast_tokenizer(pieces: list, spec: dict):
         merges += [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal]
     unk = pieces[spec["unk_id"]][0]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
-    replace = normalizers.Replace(" ", SPACE)
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if spec["add_dummy_prefix"] else replace
+    escape = normalizers.Replace(" ", SPACE)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), escape]) if spec["add_dummy_prefix"] else escape
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if spec["add_dummy_prefix"] else steps)
     tok.add_special_tokens([AddedToken(p, special=True, normalized=False)
