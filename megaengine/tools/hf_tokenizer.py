@@ -117,7 +117,11 @@ def check_convertible(pieces: list, spec: dict, path: str) -> None:
 
 def fast_tokenizer(pieces: list, spec: dict):
     """The `tokenizers.Tokenizer` that encodes and decodes as the sentencepiece model does."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    except ImportError:
+        raise ImportError("writing a Hugging Face tokenizer needs tokenizers (a dependency of transformers): "
+                          "pip install tokenizers, or export with --no-tokenizer") from None
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     normal = {piece for piece, _, t in pieces if t == NORMAL}
     merges = []
