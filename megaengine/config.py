@@ -23,6 +23,7 @@ from megaengine.models.gpt import GPTConfig
 from megaengine.parallel.mesh import check_layout
 from megaengine.pipeline import schedules
 from megaengine.pipeline.partition import layer_ranges
+from megaengine.tools.hf_tokenizer import hf_tokenizer_model
 from megaengine.training.args import flag_name, parse_flags
 from megaengine.zero.config import FP16Config, OptimConfig, ZeroConfig, load_config
 
@@ -187,7 +188,7 @@ def _check_data_files(values: dict) -> None:
         return
     for _, prefix in parse_data_path(values["data_path"]):
         check_prefix(prefix)
-    if not values["tokenizer_model"]:
+    if not values["tokenizer_model"] and not values["load_hf"]:
         raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model the data was encoded with).")
 
 
@@ -302,15 +303,26 @@ def _optim(values: dict, ds) -> OptimConfig:
 
 
 def _data(values: dict, origin: dict) -> DataConfig:
-    tokenizer = values["tokenizer_model"]
+    tokenizer, hf_dir = values["tokenizer_model"], values["load_hf"]
     if tokenizer and not os.path.exists(tokenizer):
         raise ConfigError(f"--tokenizer-model {tokenizer}: no such file.")
+    if hf_dir and values["data_path"]:  # the Hugging Face directory's tokenizer is the default, and must agree
+        theirs = hf_tokenizer_model(hf_dir)
+        if tokenizer and not same_file(tokenizer, theirs):
+            raise ConfigError(f"--tokenizer-model {tokenizer} is not the tokenizer of --load-hf {hf_dir} ({theirs}); "
+                              "train on data encoded with the model's own tokenizer, or drop --tokenizer-model.")
+        tokenizer = tokenizer or theirs
     if tokenizer and origin["vocab_size"] == "flag":
         raise ConfigError(f"--vocab-size {values['vocab_size']} sizes the tokenizer built for the embedded corpus, "
                           f"but --tokenizer-model {tokenizer} brings its own vocabulary; drop --vocab-size.")
     data_path = tuple(values["data_path"]) if values["data_path"] else None
     return DataConfig(data_path=data_path, split=values["split"], tokenizer_model=tokenizer,
                       vocab_size=values["vocab_size"], cache_dir=values["data_cache_dir"])
+
+
+def same_file(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def tokenizer_vocab_size(data: DataConfig) -> int:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megaengine import parallel
 from megaengine.checkpoint import Checkpointer, Layout, latest_tag
-from megaengine.config import Config, resolve
+from megaengine.config import Config, resolve, same_file
 from megaengine.data import MicroBatchLoader, Tokenizer, build_datasets, ensure_default_corpus
 from megaengine.errors import ConfigError
 from megaengine.models import GPT, count_parameters
@@ -153,6 +153,13 @@ def build_data(cfg: Config, state, say=print) -> Data:
         prefix, tokenizer_path = ensure_default_corpus(cache_dir=d.cache_dir, vocab_size=d.vocab_size, say=say)
         data_path = [prefix]
     tokenizer = Tokenizer(tokenizer_path)
+    hf_dir = cfg.checkpoint.load_hf
+    if hf_dir and not d.data_path and os.path.exists(os.path.join(hf_dir, "tokenizer.model")) and not same_file(
+            os.path.join(hf_dir, "tokenizer.model"), tokenizer_path):
+        raise ConfigError(f"--load-hf {hf_dir} brings its own tokenizer, not the embedded corpus's "
+                          f"({tokenizer_path}): its ids would mean other text. Encode data with "
+                          f"{os.path.join(hf_dir, 'tokenizer.model')} (python -m megaengine.data.preprocess) and "
+                          "pass it as --data-path.")
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, the model was "
                           f"configured for {cfg.model.vocab_size}.")
@@ -480,7 +487,7 @@ def sample_text(chunks, tokenizer, cfg: Config, state, say) -> None:
         if state.pp_size > 1:
             comm.broadcast(token, state.pp_global_rank(state.pp_size - 1), state.pp_group)
 
-    prompt = [tokenizer.bos] + tokenizer.encode(SAMPLE_PROMPT)
+    prompt = [tokenizer.eod] + tokenizer.encode(SAMPLE_PROMPT)  # a document's start, as training saw it
     for c in chunks:
         c.eval()
     ids = generate(last_logits, torch.tensor([prompt], device=state.device), cfg.logging.sample_tokens,

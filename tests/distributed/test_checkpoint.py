@@ -290,3 +290,32 @@ def test_a_checkpoint_holding_code_is_refused_and_nothing_runs(victim, tiny_corp
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the trap is real: an unsafe load would have run it
     assert marker.exists()
+
+
+def _export(rank, world, root, out):
+    from megaengine.tools import export_hf
+    return export_hf.main(["--load", root, "--output", out])
+
+
+def test_a_real_run_exports_its_tokenizer_and_load_hf_reads_it_back(tiny_corpus, tmp_path, capfd):
+    """The checkpoint records the tokenizer the run used; the export writes it for transformers; --load-hf
+    trains on with it, and refuses data encoded with another."""
+    import transformers
+    from megaengine.data import Tokenizer
+    prefix, tok = tiny_corpus
+    save, out = tmp_path / "ckpt", tmp_path / "hf"
+    flags = {"swiglu": True, "position-embedding-type": "rope", "normalization": "RMSNorm",
+             "disable-bias-linear": True, "untie-embeddings-and-output-weights": True}
+    train(1, model_flags(prefix, tok, save=save, **flags, **{"train-iters": 2}), tmp_path / "a.jsonl")
+    run_distributed(_export, 1, str(save), str(out))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(str(out)), Tokenizer(tok)
+    from megaengine.data import IndexedDataset
+    text = ours.decode(IndexedDataset(prefix)[0][:500].tolist())
+    assert theirs(text).input_ids == ours.encode(text) and theirs.decode(ours.encode(text)) == text
+    argv = [a for a in model_flags(prefix, tok, **flags, **{"train-iters": 1}) if a != tok]
+    argv.remove("--tokenizer-model")
+    assert sorted(train(1, argv + ["--load-hf", str(out)], tmp_path / "b.jsonl")) == [1]  # no --tokenizer-model
+    other = tmp_path / "other.model"
+    other.write_bytes(open(tok, "rb").read() + b"\0")
+    codes = run_distributed(_main, 1, argv + ["--load-hf", str(out), "--tokenizer-model", str(other)], timeout=120)
+    assert codes == [2] and "is not the tokenizer of --load-hf" in capfd.readouterr().err
