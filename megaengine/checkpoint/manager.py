@@ -41,25 +41,26 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1
     virtual_stages: int = 1
     zero_stage: int = 0
     tp_rank: int = 0
-    dp_rank: int = 0
+    replica: int = 0  # this rank's index among the dp x cp ranks holding the same weights
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if not k.endswith("_rank")}
+        return {k: v for k, v in asdict(self).items() if k not in ("tp_rank", "replica")}
 
     def holds_as_saved(self, saved: dict) -> bool:
         """Every rank holds what the same rank held at save time (the ZeRO stage does not matter here)."""
-        return all(saved.get(k) == getattr(self, k) for k in ("tp", "pp", "dp", "virtual_stages"))
+        return all(saved.get(k, 1) == getattr(self, k) for k in ("tp", "pp", "dp", "cp", "virtual_stages"))
 
     def writes(self, key: str, replicated: bool) -> bool:
-        """Whether this rank writes piece `key`: one of the ranks holding it (all dp ranks of its tp shard, or all
-        dp and tp ranks when replicated), spread by a hash of the name so no rank writes everything."""
-        h = zlib.crc32(key.encode())
+        """Whether this rank writes piece `key`: one of the ranks holding it (all dp x cp replicas of its tp
+        shard, or also all tp ranks when replicated), spread by a hash of the name so no rank writes everything."""
+        h, replicas = zlib.crc32(key.encode()), self.dp * self.cp
         if replicated:
-            return h % (self.dp * self.tp) == self.dp_rank * self.tp + self.tp_rank
-        return h % self.dp == self.dp_rank
+            return h % (replicas * self.tp) == self.replica * self.tp + self.tp_rank
+        return h % replicas == self.replica
 
 
 @dataclass

@@ -205,7 +205,8 @@ def build_model_chunks(cfg: Config, state) -> list:
 
 
 def build_optimizer(chunks, cfg: Config, state) -> ZeroOptimizer:
-    opt = ZeroOptimizer.from_config(chunks, cfg.optim, dp_group=state.dp_group, tp_group=state.tp_group,
+    # Weights are replicated over dp and cp: gradients are reduced, and ZeRO shards, over both.
+    opt = ZeroOptimizer.from_config(chunks, cfg.optim, dp_group=state.dp_cp_group, tp_group=state.tp_group,
                                     pp_group=state.pp_group)
     for chunk in chunks:  # ZeRO-3: the tied head reads the embedding outside its module, so gather it there too
         if chunk.pre_process and chunk.post_process and not cfg.model.untie_embeddings_and_output_weights:
@@ -291,10 +292,12 @@ def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> 
     return total
 
 
-def reduce_loss(total: torch.Tensor, state) -> None:
-    """Sum a loss over dp, and over pp where only the last stage holds it (zeros elsewhere)."""
-    comm.all_reduce(total, state.dp_group)
+def reduce_loss(total: torch.Tensor, state) -> float:
+    """The mean of per-rank mean losses over dp and cp (cp ranks hold equal parts of each sequence), summed over
+    pp where only the last stage holds it (zeros elsewhere). Collective."""
+    comm.all_reduce(total, state.dp_cp_group)
     comm.all_reduce(total, state.pp_group)
+    return total.item() / state.dp_cp_size
 
 
 # ---- the loop's helpers ------------------------------------------------------------------------------------
@@ -317,8 +320,7 @@ class LossWindow:
 
     def flush(self) -> dict:
         """Collective: the window's mean loss over dp (and pp), then a fresh window."""
-        reduce_loss(self.loss, self.state)
-        out = {"loss": self.loss.item() / (self.steps * self.state.dp_size), "iter_seconds": self.seconds / self.steps,
+        out = {"loss": reduce_loss(self.loss, self.state) / self.steps, "iter_seconds": self.seconds / self.steps,
                "skipped": self.skipped}
         self.loss.zero_()
         self.steps, self.seconds = 0, 0.0
@@ -388,8 +390,9 @@ class TrainingCheckpoints:
         self.cfg, self.state, self.chunks, self.optimizer, self.loader = cfg, state, chunks, optimizer, loader
         self.tokenizer_model = os.path.abspath(tokenizer_model)
         self.checkpointer = Checkpointer(async_save=cfg.checkpoint.async_save, retain=cfg.checkpoint.save_retain)
-        self.layout = Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size, virtual_stages=len(chunks),
-                             zero_stage=optimizer.stage, tp_rank=state.tp_rank, dp_rank=state.dp_rank)
+        self.layout = Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size, cp=state.cp_size,
+                             virtual_stages=len(chunks), zero_stage=optimizer.stage, tp_rank=state.tp_rank,
+                             replica=state.dp_cp_rank)
 
     def named_params(self) -> list:
         return [(chunk.global_name(name), p) for chunk in self.chunks for name, p in chunk.named_parameters()]
@@ -462,8 +465,7 @@ def evaluate(chunks, dataset, cfg: Config, state, plan: PipelinePlan | None) -> 
             total += out.float().mean()
     for c in chunks:
         c.train()
-    reduce_loss(total, state)
-    return total.item() / (steps * state.dp_size)
+    return reduce_loss(total, state) / steps
 
 
 @torch.no_grad()

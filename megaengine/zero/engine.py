@@ -106,7 +106,7 @@ class ZeroEngine:
         dp_group, tp_group = self.groups
         tp_rank, tp = (0, 1) if tp_group is None else (dist.get_rank(tp_group), dist.get_world_size(tp_group))
         return Layout(tp=tp, dp=self.optimizer.dp_size, zero_stage=self.optimizer.stage, tp_rank=tp_rank,
-                      dp_rank=self.optimizer.dp_rank)
+                      replica=self.optimizer.dp_rank)
 
     def save_checkpoint(self, save_dir: str, tag: int | str | None = None, client_state: dict | None = None) -> str:
         """Collective. `tag` defaults to the global step (directory iter_NNNNNNN); `client_state` must be JSON."""
