@@ -16,11 +16,13 @@ in a 1F1B run with pp 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 
 import torch
 
+from megaengine.models.recompute import RecomputeConfig
 from megaengine.testing import run_distributed
 
 SHAPES = {
@@ -29,8 +31,8 @@ SHAPES = {
         num_attention_heads=8, num_query_groups=4, position_embedding_type="rope", normalization="RMSNorm",
         swiglu=True, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0),
 }
-RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective"),
-             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+RECOMPUTE = {"none": {}, "selective": dict(recompute=RecomputeConfig("selective")),
+             "full": dict(recompute=RecomputeConfig("full", "uniform", 1))}
 LAYOUTS = [(1, False), (2, False), (2, True), (4, False), (4, True)]
 
 
@@ -84,8 +86,7 @@ def _pipeline_rank(rank, world, seq, b, hidden, m):
     from megaengine.models import GPT
     from megaengine.pipeline import build, run_pipeline
     state = parallel.initialize(pp=2)
-    cfg = config(SHAPES["gpt2 (dropout 0.1)"], {}, False, seq, hidden)
-    cfg.num_layers = 4
+    cfg = dataclasses.replace(config(SHAPES["gpt2 (dropout 0.1)"], {}, False, seq, hidden), num_layers=4)
     r = state.pp_rank
     model = GPT(cfg, state.tp_group, layers=(2 * r, 2 * r + 2), pre_process=r == 0, post_process=r == 1)
     tokens = torch.randint(0, 256, (m, b, seq + 1), generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,7 @@ Recomputation runs only when training with grad enabled.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
@@ -27,6 +28,41 @@ from megaengine.tensor_parallel.random import get_tp_state, set_tp_state
 
 GRANULARITIES = ("selective", "full")
 METHODS = ("uniform", "block")
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """GPTConfig.recompute: Megatron's --recompute-granularity / --recompute-method / --recompute-num-layers."""
+    granularity: str | None = None  # None (off), "selective" or "full"
+    method: str | None = None  # with full: "uniform" (groups of num_layers) or "block" (the first num_layers)
+    num_layers: int | None = None
+
+    @property
+    def selective(self) -> bool:
+        return self.granularity == "selective"
+
+    def describe(self) -> str:
+        if self.granularity == "full":
+            return f"full ({self.method}, {self.num_layers})"
+        return self.granularity or "none"
+
+    def checks(self, total_layers: int):
+        """Megatron-Core's rules, as (ok, flag, value, fix) rows for GPTConfig.validate."""
+        granularity, method, num_layers = self.granularity, self.method, self.num_layers
+        full = granularity == "full"
+        return [
+            (granularity in (None,) + GRANULARITIES, "--recompute-granularity", granularity,
+             "choose full or selective"),
+            (method in (None,) + METHODS, "--recompute-method", method, "choose uniform or block"),
+            (not full or method is not None, "--recompute-method", method,
+             "must be set with --recompute-granularity full (uniform or block)"),
+            (not full or (num_layers is not None and 1 <= num_layers <= total_layers), "--recompute-num-layers",
+             num_layers, f"must be set with --recompute-granularity full, between 1 and --num-layers ({total_layers})"),
+            (full or method is None, "--recompute-method", method,
+             "applies to --recompute-granularity full only; drop it or use full"),
+            (full or num_layers is None, "--recompute-num-layers", num_layers,
+             "applies to --recompute-granularity full only; drop it or use full"),
+        ]
 
 
 class _ReplayTPStream:
@@ -65,32 +101,15 @@ def _chain(layers):
     return run
 
 
-def run_layers(layers, x, *rest, granularity: str | None, method: str | None, num_layers: int | None,
-               training: bool):
+def run_layers(layers, x, *rest, config: RecomputeConfig, training: bool):
     """x through `layers` (each called as layer(x, *rest)) with full recomputation as configured."""
-    if granularity != "full" or not training or not torch.is_grad_enabled():
+    if config.granularity != "full" or not training or not torch.is_grad_enabled():
         return _chain(layers)(x, *rest)
-    if method == "uniform":
+    num_layers = config.num_layers
+    if config.method == "uniform":
         for start in range(0, len(layers), num_layers):
             x = checkpoint(_chain(layers[start:start + num_layers]), x, *rest)
         return x
     for i, layer in enumerate(layers):
         x = checkpoint(layer, x, *rest) if i < num_layers else layer(x, *rest)
     return x
-
-
-def check_config(granularity, method, num_layers, total_layers: int):
-    """Megatron-Core's rules, as (ok, flag, value, fix) rows for GPTConfig.validate."""
-    full = granularity == "full"
-    return [
-        (granularity in (None,) + GRANULARITIES, "--recompute-granularity", granularity, "choose full or selective"),
-        (method in (None,) + METHODS, "--recompute-method", method, "choose uniform or block"),
-        (not full or method is not None, "--recompute-method", method,
-         "must be set with --recompute-granularity full (uniform or block)"),
-        (not full or (num_layers is not None and 1 <= num_layers <= total_layers), "--recompute-num-layers",
-         num_layers, f"must be set with --recompute-granularity full, between 1 and --num-layers ({total_layers})"),
-        (full or method is None, "--recompute-method", method,
-         "applies to --recompute-granularity full only; drop it or use full"),
-        (full or num_layers is None, "--recompute-num-layers", num_layers,
-         "applies to --recompute-granularity full only; drop it or use full"),
-    ]

@@ -10,23 +10,16 @@ import json
 import sys
 
 from megaengine.errors import ConfigError
-from megaengine.plan.layout import from_args, parse
+from megaengine.plan.layout import from_config, parse
 from megaengine.plan.predict import GiB, Hardware, predict_memory, step_time
 from megaengine.plan.search import search
 
 
-def hardware(args) -> Hardware:
+def hardware(args, peak_tflops: float | None) -> Hardware:
     return Hardware(gpu_memory_gib=args.gpu_memory, overhead_gib=args.overhead_gib,
-                    peak_tflops=args.peak_tflops or 989.0, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
+                    peak_tflops=peak_tflops or 989.0, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
                     intra_gbs=args.intra_node_bandwidth, inter_gbs=args.inter_node_bandwidth,
                     host_gbs=args.host_bandwidth, device=args.device)
-
-
-def _recompute(config) -> str:
-    g = config.recompute_granularity
-    if g == "full":
-        return f"full ({config.recompute_method}, {config.recompute_num_layers})"
-    return g or "none"
 
 
 def report(config, layout, memory, time, hw: Hardware) -> dict:
@@ -39,7 +32,7 @@ def report(config, layout, memory, time, hw: Hardware) -> dict:
             "fits": memory.total_bytes <= hw.gpu_memory_gib * GiB, "pipeline_rank": memory.pp_rank,
             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "virtual": layout.virtual,
                        "schedule": layout.schedule, "zero_stage": layout.zero_stage,
-                       "sequence_parallel": config.sequence_parallel, "recompute": _recompute(config),
+                       "sequence_parallel": config.sequence_parallel, "recompute": config.recompute.describe(),
                        "micro_batch": layout.micro_batch, "microbatches": layout.microbatches},
             "step_seconds": time.step_s, "mfu": time.mfu(layout.world, hw.peak_tflops),
             "tokens_per_second": layout.global_batch * config.seq_length / time.step_s}
@@ -89,12 +82,12 @@ def print_search(results, config, world: int, hw: Hardware, top: int) -> None:
 
 def main(argv=None) -> int:
     try:
-        args = parse(argv)
-        config, layout = from_args(args)
+        cfg, args = parse(argv)
+        config, layout = from_config(cfg)
     except ConfigError as e:
         print(f"megaengine.plan: error: {e}", file=sys.stderr)
         return 2
-    hw = hardware(args)
+    hw = hardware(args, cfg.logging.peak_tflops)
     if args.search:
         results = search(config, layout, layout.world, hw)
         if args.json:

@@ -146,18 +146,19 @@ def recomputed_groups(num_layers: int, granularity: str | None, method: str | No
 
 def chunk_layers_bytes(config, num_layers: int, **kw) -> float:
     """Bytes the layers of one model chunk keep, under the configured recomputation."""
-    groups, plain = recomputed_groups(num_layers, config.recompute_granularity, config.recompute_method,
-                                      config.recompute_num_layers)
-    selective = config.recompute_granularity == "selective"
+    r = config.recompute
+    groups, plain = recomputed_groups(num_layers, r.granularity, r.method, r.num_layers)
+    selective = r.selective
     kept = plain * layer_bytes(config, selective=selective, **kw)
     return kept + groups * layer_input_bytes(config, **kw)
 
 
 def recompute_working_bytes(config, num_layers: int, **kw) -> float:
     """Bytes a full recomputation materialises at once in backward: one group's layers, all saved tensors."""
-    if config.recompute_granularity != "full":
+    r = config.recompute
+    if r.granularity != "full":
         return 0.0
-    n = min(config.recompute_num_layers, num_layers) if config.recompute_method == "uniform" else 1
+    n = min(r.num_layers, num_layers) if r.method == "uniform" else 1
     return n * layer_bytes(config, **kw)
 
 

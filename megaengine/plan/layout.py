@@ -1,5 +1,5 @@
-"""The run a plan is for: a GPTConfig and a Layout. `from_args` is the one place that reads pretrain_gpt.py's
-flags (megaengine/training/args.py), so switching to another config source touches only it."""
+"""The run a plan is for: a GPTConfig and a Layout, read from pretrain_gpt.py's flags exactly as a run resolves
+them (megaengine.config: preset, flags and DeepSpeed JSON into one frozen Config), plus the planner's own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,6 +71,7 @@ def planner_flags(parser) -> None:
 
 
 def build_parser():
+    """pretrain_gpt.py's flags and the planner's, for --help."""
     from megaengine.training.args import build_parser as training_parser
     parser = training_parser()
     parser.prog = "python -m megaengine.plan"
@@ -79,44 +80,42 @@ def build_parser():
     return parser
 
 
+# Settings the plan does not depend on but pretrain_gpt.py requires: placeholders whose origin stays
+# "default", so a DeepSpeed JSON's explicit value replaces them as it would replace a default.
+_PLACEHOLDERS = {"lr": 1e-4, "train_iters": 1}
+
+
 def parse(argv=None):
-    """Flags (with a --config preset underneath, as pretrain_gpt.py reads them) -> argparse.Namespace."""
-    from megaengine.training.args import load_preset
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**load_preset(first.config, parser))
-    args = parser.parse_args(argv)
-    defaults = build_parser()
-    args.explicit = sorted(k for k, v in vars(args).items() if k != "config" and v != defaults.get_default(k))
-    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                           "global_batch_size") if getattr(args, k) is None]
-    if missing:
-        raise ConfigError(f"missing {', '.join('--' + k.replace('_', '-') for k in missing)}: give them as flags "
-                          "or in a --config preset (e.g. configs/llama-7b.json).")
-    return args
-
-
-def from_args(args):
-    """(GPTConfig, Layout) from parsed flags: the model, parallel sizes, batch and ZeRO settings."""
-    from megaengine.training.args import load_zero_config, model_config, pipeline_schedule, virtual_stages
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    world = args.world_size or tp * pp
+    """(Config as pretrain_gpt.py resolves it on --world-size ranks, the planner's own flags)."""
+    import argparse
+    import sys
+    from megaengine.config import resolve_flags
+    from megaengine.training.args import parse_flags
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        raise SystemExit(0)
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    planner_flags(own)
+    planner, rest = own.parse_known_args(argv)
+    values, origin = parse_flags(rest)
+    for dest, value in _PLACEHOLDERS.items():
+        if values[dest] is None:
+            values[dest] = value
+    tp, pp = values["tensor_model_parallel_size"], values["pipeline_model_parallel_size"]
+    world = planner.world_size or tp * pp
     if world % (tp * pp):
         raise ConfigError(f"--world-size {world} is not divisible by tp x pp = {tp} x {pp}.")
-    dp = world // (tp * pp)
-    zero = dict(zero_stage=1 if args.use_distributed_optimizer else 0, bucket_size=args.ddp_bucket_size)
-    if args.zero_config:
-        args.lr = args.lr or 1e-4  # "auto" optimizer keys need a value; the plan does not depend on it
-        args.train_iters = args.train_iters or 1
-        z = load_zero_config(args, dp).zero_optimization
-        zero = dict(zero_stage=z.stage, bucket_size=z.reduce_bucket_size,
-                    persistence_threshold=z.stage3_param_persistence_threshold,
+    return resolve_flags(values, origin, world), planner
+
+
+def from_config(cfg):
+    """(GPTConfig, Layout) from the run's resolved Config."""
+    p, t, z = cfg.parallel, cfg.train, cfg.optim.zero
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, virtual=p.virtual_stages, schedule=p.schedule, zero_stage=z.stage,
+                    bucket_size=z.reduce_bucket_size, persistence_threshold=z.stage3_param_persistence_threshold,
                     prefetch_size=z.stage3_prefetch_bucket_size, max_live=z.stage3_max_live_parameters,
-                    offload_optimizer=z.offload_optimizer == "cpu")
-    layout = Layout(tp=tp, pp=pp, dp=dp, virtual=virtual_stages(args), schedule=pipeline_schedule(args),
-                    micro_batch=args.micro_batch_size, global_batch=args.global_batch_size,
-                    dtype_bytes=2 if args.bf16 or args.fp16 else 4, **zero)
-    config = model_config(args, args.vocab_size)
-    layout.check(config)
-    return config, layout
+                    offload_optimizer=z.offload_optimizer == "cpu", micro_batch=t.micro_batch_size,
+                    global_batch=t.global_batch_size, dtype_bytes=t.param_dtype.itemsize)
+    layout.check(cfg.model)
+    return cfg.model, layout

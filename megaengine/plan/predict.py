@@ -155,14 +155,14 @@ class StepTime:
 
 def _recompute_fraction(config, layers_per_chunk: int) -> tuple[float, float]:
     """(share of layers fully recomputed, whether the attention core is), for the extra forward FLOPs."""
-    g = config.recompute_granularity
-    if g == "selective":
+    r = config.recompute
+    if r.granularity == "selective":
         return 0.0, 1.0
-    if g != "full":
+    if r.granularity != "full":
         return 0.0, 0.0
-    if config.recompute_method == "uniform":
+    if r.method == "uniform":
         return 1.0, 0.0
-    return min(config.recompute_num_layers, layers_per_chunk) / layers_per_chunk, 0.0
+    return min(r.num_layers, layers_per_chunk) / layers_per_chunk, 0.0
 
 
 @functools.lru_cache(maxsize=512)

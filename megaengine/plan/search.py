@@ -13,11 +13,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from megaengine.errors import ConfigError
+from megaengine.models.recompute import RecomputeConfig
 from megaengine.plan.layout import Layout
 from megaengine.plan.predict import Hardware, Memory, StepTime, predict_memory, step_time
 
-RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective"),
-             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+RECOMPUTE = {"none": RecomputeConfig(), "selective": RecomputeConfig("selective"),
+             "full": RecomputeConfig("full", "uniform", 1)}
 ZERO3_WITH_PIPELINES = False  # ZeroOptimizer refuses stage 3 with pp > 1 for now
 
 
@@ -59,9 +60,7 @@ def candidates(config, base: Layout, world: int, hw: Hardware):
                     layout = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, virtual=v, schedule=schedule,
                                                  micro_batch=mbs, zero_stage=stage)
                     for name, rc in RECOMPUTE.items():
-                        cfg = dataclasses.replace(config, sequence_parallel=tp > 1, **{
-                            "recompute_granularity": None, "recompute_method": None,
-                            "recompute_num_layers": None, **rc})
+                        cfg = dataclasses.replace(config, sequence_parallel=tp > 1, recompute=rc)
                         try:
                             layout.check(cfg)
                         except ConfigError:

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from megaengine.models.recompute import RecomputeConfig
 from megaengine.testing import run_distributed
 
 TOL = 0.05
@@ -40,8 +41,8 @@ CHUNK_CASES = [  # (tp, config overrides)
     (1, dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=2,
              untie_embeddings_and_output_weights=True, hidden_dropout=0.0, attention_dropout=0.0)),
     (2, dict(sequence_parallel=True)),
-    (2, dict(sequence_parallel=True, recompute_granularity="selective")),
-    (2, dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1)),
+    (2, dict(sequence_parallel=True, recompute=RecomputeConfig("selective"))),
+    (2, dict(recompute=RecomputeConfig("full", "block", 1))),
 ]
 
 

@@ -68,6 +68,7 @@ def test_state_bytes_equal_memory_report(world, tp, pp):
 def _params_worker(rank, world, kw):
     from megaengine import parallel
     from megaengine.models import GPT
+    from megaengine.parallel.params import param_info
     from megaengine.plan.memory import chunk_params
     state = parallel.initialize(tp=world)
     cfg = _config(**kw)
@@ -77,8 +78,7 @@ def _params_worker(rank, world, kw):
         real = [(n, p.numel()) for n, p in model.named_parameters()]
         listed = [(p.name, p.numel) for p in chunk_params(cfg, world, layers, first, last)]
         tied = [p.name for p in chunk_params(cfg, world, layers, first, last) if p.tied]
-        marked = [n for n, p in model.named_parameters()
-                  if getattr(p, "shared_embedding", False) or getattr(p, "shared_embedding_copy", False)]
+        marked = [n for n, p in model.named_parameters() if param_info(p).tied]
         got.append((real == listed, tied == marked))
     return got
 
@@ -116,8 +116,8 @@ def test_cli_maps_flags_and_zero_json_onto_the_optimizer(capsys):
     flags = ["--config", "configs/gpt-tiny.json", "--tp", "2", "--pp", "2", "--world-size", "8", "--bf16",
              "--zero-config", "configs/zero/zero2.json", "--micro-batch-size", "2", "--global-batch-size", "16"]
     r = _plan_json(flags, capsys)
-    from megaengine.plan.layout import from_args, parse
-    cfg, layout = from_args(parse(flags))
+    from megaengine.plan.layout import from_config, parse
+    cfg, layout = from_config(parse(flags)[0])
     assert (layout.zero_stage, layout.bucket_size, layout.dtype_bytes, layout.dp) == (2, cfg.hidden_size ** 2, 2, 2)
     per_rank = []
     for rank in range(2):
@@ -177,10 +177,10 @@ PLAN_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads
 def _counted_worker(rank, world, flags):
     from megaengine import parallel
     from megaengine.models import GPT
-    from megaengine.plan.layout import from_args, parse
+    from megaengine.plan.layout import from_config, parse
     from megaengine.plan.measure import chunk_saved_bytes
     state = parallel.initialize()
-    config, layout = from_args(parse(flags))
+    config, layout = from_config(parse(flags)[0])
     model = GPT(config, state.tp_group).to(torch.bfloat16 if layout.dtype_bytes == 2 else torch.float32)
     tokens = torch.randint(0, 100, (layout.micro_batch, config.seq_length + 1))
     return chunk_saved_bytes(model, tokens[:, :-1], tokens[:, 1:])

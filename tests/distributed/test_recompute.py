@@ -19,10 +19,10 @@ STEPS, MICRO, MBS, SEQ, VOCAB = 3, 4, 2, 16, 64
 
 VARIANTS = {
     "none": {},
-    "selective": dict(recompute_granularity="selective"),
-    "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    "full-uniform-2": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
-    "full-block-1": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+    "selective": dict(granularity="selective"),
+    "full-uniform-1": dict(granularity="full", method="uniform", num_layers=1),
+    "full-uniform-2": dict(granularity="full", method="uniform", num_layers=2),
+    "full-block-1": dict(granularity="full", method="block", num_layers=1),
 }
 
 LAYOUTS = {  # name: (world, tp, pp, sequence parallel, schedule, ZeRO stage, dropout)
@@ -36,9 +36,11 @@ LAYOUTS = {  # name: (world, tp, pp, sequence parallel, schedule, ZeRO stage, dr
 
 def _config(tp, sp, dropout=0.1, **recompute):
     from megaengine.models import GPTConfig
+    from megaengine.models.recompute import RecomputeConfig
     return GPTConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=SEQ, vocab_size=VOCAB,
                      make_vocab_size_divisible_by=8, hidden_dropout=dropout, attention_dropout=dropout,
-                     sequence_parallel=sp and tp > 1, untie_embeddings_and_output_weights=True, **recompute)
+                     sequence_parallel=sp and tp > 1, untie_embeddings_and_output_weights=True,
+                     recompute=RecomputeConfig(**recompute))
 
 
 def _batches(dp_rank):
@@ -123,7 +125,7 @@ def _extra_comm(layout, variant, ref):
     if layout != "tp2-sp" or not variant.startswith("full"):
         return {}
     kw = VARIANTS[variant]
-    layers = 4 if kw["recompute_method"] == "uniform" else kw["recompute_num_layers"]  # block: the first N
+    layers = 4 if kw["method"] == "uniform" else kw["num_layers"]  # block: the first N
     extra = 2 * SEQ * MBS * 32 * 4 * layers * MICRO  # two (seq, batch, hidden) fp32 tensors a layer
     return {"all_gather": ref["all_gather"] + extra, "reduce_scatter": ref["reduce_scatter"] + extra}
 
@@ -157,12 +159,12 @@ def _bad_flag(kw):
 
 
 @pytest.mark.parametrize("kw,flag", [
-    (dict(recompute_granularity="some"), "--recompute-granularity"),
-    (dict(recompute_granularity="full"), "--recompute-method"),
-    (dict(recompute_granularity="full", recompute_method="uniform"), "--recompute-num-layers"),
-    (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=9), "--recompute-num-layers"),
-    (dict(recompute_granularity="selective", recompute_method="uniform"), "--recompute-method"),
-    (dict(recompute_method="block", recompute_num_layers=1), "--recompute-method"),
+    (dict(granularity="some"), "--recompute-granularity"),
+    (dict(granularity="full"), "--recompute-method"),
+    (dict(granularity="full", method="uniform"), "--recompute-num-layers"),
+    (dict(granularity="full", method="block", num_layers=9), "--recompute-num-layers"),
+    (dict(granularity="selective", method="uniform"), "--recompute-method"),
+    (dict(method="block", num_layers=1), "--recompute-method"),
 ])
 def test_bad_recompute_settings_name_the_flag(kw, flag):
     msg = _bad_flag(kw)

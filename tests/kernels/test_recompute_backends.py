@@ -3,6 +3,7 @@ Functions, interpreted on CPU): loss and every gradient equal those without reco
 with hidden dropout on (the Triton attention has no dropout of its own)."""
 import torch
 
+from megaengine.models.recompute import RecomputeConfig
 from megaengine.testing import rel_error, run_distributed
 
 TOL = 1e-6
@@ -28,8 +29,7 @@ def _loss_and_grads(rank, world, recompute):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-VARIANTS = [dict(recompute_granularity="selective"),
-            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)]
+VARIANTS = [dict(recompute=RecomputeConfig("selective")), dict(recompute=RecomputeConfig("full", "uniform", 2))]
 
 
 def _all(rank, world):
