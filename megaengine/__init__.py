@@ -1,5 +1,6 @@
 """megaengine: tensor-, pipeline- and data-parallel GPT pretraining on torch.distributed."""
 from megaengine.zero.engine import initialize
+from megaengine.zero.init import zero_init
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,4 @@ def load_model(path, device="cpu"):
     return load(path, device)
 
 
-__all__ = ["initialize", "load_model"]
+__all__ = ["initialize", "load_model", "zero_init"]

@@ -166,9 +166,6 @@ def resolve_flags(values: dict, origin: dict, world_size: int = 1) -> Config:
     parallel = _parallel(values, dp)
     train = _training(values, dp)
     optim = _optim(values, ds)
-    if optim.zero.stage == 3 and pp > 1:
-        raise ConfigError(f"--zero-config {values['zero_config']}: ZeRO stage 3 with --pipeline-model-parallel-size "
-                          f"{pp} is not supported; use stage 1 or 2 with pipelines.")
     data = _data(values, origin)
     model = _model(values, data, parallel)
     checkpoint = _checkpoint(values)

@@ -120,6 +120,6 @@ def test_zero_config_typo_suggests_key(tmp_path):
         check(["--zero-config", str(path)], world=2)
 
 
-def test_zero3_with_pipeline_is_refused():
-    with pytest.raises(ConfigError, match="stage 3 with --pipeline-model-parallel-size 2"):
-        check(["--zero-config", "configs/zero/zero3.json", "--pp", "2"], world=4)
+def test_zero3_with_pipeline_is_accepted():
+    cfg = check(["--zero-config", "configs/zero/zero3.json", "--pp", "2"], world=4)
+    assert (cfg.optim.zero.stage, cfg.parallel.pp) == (3, 2)

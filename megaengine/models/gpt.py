@@ -3,13 +3,12 @@
 A `GPT` holds one contiguous range of transformer layers, with the embedding when it is the first pipeline
 stage and the final norm and output layer when it is the last, so a pipeline stage is just a GPT built with
 `layers=(start, end)`. Activations are (seq, batch, hidden) between layers, sequence-sharded over tp when
-sequence parallel. Every weight is created whole from a seed derived from its name, then sliced: the same
-model comes out at any tp or pp.
+sequence parallel. Every weight comes from generators seeded by its name and row block
+(megaengine.models.init), and each rank draws only its shard: the same model comes out at any tp or pp.
 """
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaengine.models import recompute
+from megaengine.models.init import seeded_init
 from megaengine.models.recompute import RecomputeConfig
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -62,16 +62,15 @@ class GPTConfig:
                    "num_query_groups": self.num_query_groups or self.num_attention_heads}
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads == 0:
             derived["kv_channels"] = self.hidden_size // self.num_attention_heads
+        if isinstance(self.recompute, dict):  # to_dict() writes the nested config as a dict
+            derived["recompute"] = RecomputeConfig(**self.recompute)
         for name, value in derived.items():
             object.__setattr__(self, name, value)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
-        kept = {k: v for k, v in d.items() if k in names}
-        if isinstance(kept.get("recompute"), dict):  # to_dict() writes the nested config as a dict
-            kept["recompute"] = RecomputeConfig(**kept["recompute"])
-        return cls(**kept)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,17 +110,6 @@ class GPTConfig:
 
     def padded_vocab_size(self, tp: int) -> int:
         return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
-
-
-def seeded_init(seed: int, name: str, std: float, rows: int | None = None):
-    """Initialise a full weight from a generator seeded by its name: independent of layout and build order.
-    With `rows`, only the first rows are drawn and the rest (vocabulary padding, which grows with tp) are 0."""
-    def init(t: torch.Tensor) -> None:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        n = t.shape[0] if rows is None else rows
-        t.zero_()
-        t[:n].copy_(torch.randn((n,) + tuple(t.shape[1:]), generator=g) * std)
-    return init
 
 
 class Norm(nn.Module):
@@ -303,8 +291,9 @@ class GPT(nn.Module):
             if not post_process and not config.untie_embeddings_and_output_weights:
                 set_param_info(self.word_embeddings.weight, tied="embedding")  # its twin lives on the last stage
             if self.learned_positions:
-                self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
-                seeded_init(seed, "position_embeddings", std)(self.position_embeddings.weight.data)
+                positions = nn.Embedding(config.max_position_embeddings, h)
+                seeded_init(seed, "position_embeddings", std)(positions.weight.data)
+                self.position_embeddings = positions  # attached once initialised (zero_init shards it here)
         self.layers = nn.ModuleList(TransformerLayer(config, i, group) for i in range(start, end))
         if post_process:
             self.final_norm = Norm(config, h, group)
@@ -315,9 +304,9 @@ class GPT(nn.Module):
             elif not pre_process:
                 # Tied weights on another stage: a second copy of the word embedding, initialised equal and kept
                 # equal by summing both copies' gradients over the embedding group.
-                full = torch.empty(self.vocab_size, h)
-                seeded_init(seed, "word_embeddings", std, config.vocab_size)(full)
-                self.output_weight = nn.Parameter(full.chunk(self.tp_size)[dist.get_rank(group)].clone())
+                per_rank, r = self.vocab_size // self.tp_size, dist.get_rank(group)
+                init = seeded_init(seed, "word_embeddings", std, config.vocab_size)
+                self.output_weight = nn.Parameter(init.piece((self.vocab_size, h), [(r * per_rank, (r + 1) * per_rank)]))
                 mark_tensor_parallel(self.output_weight, 0, unpadded=config.vocab_size)
                 set_param_info(self.output_weight, tied="copy")
 

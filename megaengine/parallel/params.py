@@ -6,7 +6,7 @@ marked is replicated over tp, untied, and has the shape it shows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -26,6 +26,9 @@ class ParamInfo:
     tied: str | None = None
     # The parameter's shape while ZeRO-3 keeps only a flat shard and the tensor itself is empty.
     full_shape: tuple[int, ...] | None = None
+    # The ZeRO-3 unit (a zero.buffers.Bucket holding this rank's shard) when the model was built sharded
+    # (megaengine.zero_init); the optimizer adopts it instead of packing the parameter itself.
+    zero_unit: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def tensor_parallel(self) -> bool:

@@ -46,20 +46,25 @@ from megaengine.pipeline.schedules import Action, comm_batches, is_first, is_las
 
 def run_pipeline(actions: list[Action], chunks: list[torch.nn.Module], *, pp_group, forward_step,
                  num_microbatches: int, tensor_shape, dtype: torch.dtype, device, timeout: float | None = None,
-                 stats: dict | None = None) -> list[torch.Tensor] | None:
+                 stats: dict | None = None, prefetch=None) -> list[torch.Tensor] | None:
     """Execute this rank's `actions`; return the per-micro-batch losses (detached) on the last stage, else None.
 
     If `stats` is a dict it receives: peak_held (most micro-batch chunks with activations held: forward
     done, B not yet), compute_s and wait_s (seconds computing and blocked in p2p), timeline, a list of
     (start, end, action) in seconds from the call, and freed_bytes (output bytes freed after their send).
+    `prefetch(action)`, if given, is called with the next compute action before each p2p batch, so what that
+    action needs (ZeRO-3's parameters) can be fetched while the transfer is waited on.
     """
     if max(a.chunk for a in actions) >= len(chunks) or any(a.microbatch >= num_microbatches for a in actions):
         raise ValueError(f"the actions name chunks {sorted({a.chunk for a in actions})} and micro-batches up to "
                          f"{max(a.microbatch for a in actions)}, but this rank has {len(chunks)} chunks and "
                          f"num_microbatches={num_microbatches}")
     run = _Run(chunks, pp_group, forward_step, num_microbatches, tuple(tensor_shape), dtype, device, timeout)
-    for step in comm_batches(actions):
+    steps = comm_batches(actions)
+    for i, step in enumerate(steps):
         if step[0].is_comm:
+            if prefetch is not None and i + 1 < len(steps) and not steps[i + 1][0].is_comm:
+                prefetch(steps[i + 1][0])
             run.communicate(step)
         else:
             run.compute(step[0])

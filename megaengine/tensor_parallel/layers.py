@@ -1,8 +1,9 @@
 """Megatron-style tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding.
 
-Each layer takes its tp group (None: the initialised one). Weights are created whole by `init_method` and
-sliced, so a shard is exactly the piece of the weight that the same seed creates at tp=1 and every layout is
-comparable with the single-process model. Each shard's split is recorded in its `ParamInfo`
+Each layer takes its tp group (None: the initialised one). A shard is exactly the piece of the weight that the
+same seed creates at tp=1, so every layout is comparable with the single-process model: an init method with
+a `piece(shape, rows, cols)` (megaengine.models.init) draws only that piece; any other is run on the whole
+weight, which is then sliced. Each shard's split is recorded in its `ParamInfo`
 (megaengine.parallel.params), which gradient clipping, ZeRO and checkpoints read.
 
 Sequence parallelism (Korthikanti et al. 2022): activations outside these layers are split along dim 0 (the
@@ -52,10 +53,26 @@ def take_shard(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) ->
     return shard_rows(full.movedim(dim, 0), rank, size, info.tp_segments).movedim(0, dim)
 
 
-def _create(shape, init_method: InitMethod, dtype, device) -> torch.Tensor:
-    full = torch.empty(shape, dtype=torch.float32)
-    init_method(full)
-    return full.to(dtype=dtype, device=device)
+def row_ranges(rows: int, rank: int, size: int, segments: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """The ranges of dim 0 that `shard_rows` keeps, in order."""
+    out, start = [], 0
+    for part in (list(segments) if segments else [rows]):
+        k = part // size
+        out.append((start + rank * k, start + (rank + 1) * k))
+        start += part
+    return out
+
+
+def _create(shape, init_method: InitMethod, dtype, device, *, rows=None, cols=None) -> torch.Tensor:
+    """full[rows ranges][:, cols] of the weight `init_method` makes (float32, then cast)."""
+    if hasattr(init_method, "piece"):
+        t = init_method.piece(shape, rows, cols)
+    else:
+        full = torch.empty(shape, dtype=torch.float32)
+        init_method(full)
+        t = torch.cat([full[a:b] for a, b in rows]) if rows else full
+        t = t[:, cols[0]:cols[1]] if cols else t
+    return t.to(dtype=dtype, device=device).contiguous()
 
 
 class ColumnParallelLinear(nn.Module):
@@ -79,8 +96,8 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         init_method = init_method or normal_init()
-        full = _create((out_features, in_features), init_method, dtype, device)
-        self.weight = nn.Parameter(shard_rows(full, rank, size, segments).clone())
+        self.weight = nn.Parameter(_create((out_features, in_features), init_method, dtype, device,
+                                           rows=row_ranges(out_features, rank, size, segments)))
         mark_tensor_parallel(self.weight, 0, segments)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // size, dtype=dtype, device=device))
@@ -114,8 +131,9 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         init_method = init_method or normal_init()
-        full = _create((out_features, in_features), init_method, dtype, device)
-        self.weight = nn.Parameter(full.chunk(size, dim=1)[rank].clone())
+        k = in_features // size
+        self.weight = nn.Parameter(_create((out_features, in_features), init_method, dtype, device,
+                                           cols=(rank * k, (rank + 1) * k)))
         mark_tensor_parallel(self.weight, 1)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
@@ -158,8 +176,8 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel
         per_rank = num_embeddings // size
         self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
-        full = _create((num_embeddings, embedding_dim), init_method or normal_init(), dtype, device)
-        self.weight = nn.Parameter(full[self.vocab_start:self.vocab_end].clone())
+        self.weight = nn.Parameter(_create((num_embeddings, embedding_dim), init_method or normal_init(), dtype,
+                                           device, rows=[(self.vocab_start, self.vocab_end)]))
         mark_tensor_parallel(self.weight, 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from megaengine.pipeline.partition import layer_ranges
 from megaengine.tools.hf import ARCHITECTURE_KEYS, load_hf
 from megaengine.training.lr_schedule import lr_schedule
 from megaengine.training.metrics import ProgressLogger, device_peak_tflops, flops_per_token
+from megaengine.zero.init import zero_init
 from megaengine.zero.optimizer import ZeroOptimizer
 
 SAMPLE_PROMPT = "def main("
@@ -200,9 +201,19 @@ def build_model_chunks(cfg: Config, state) -> list:
     """This rank's model chunks: one GPT per virtual pipeline stage, chunk c holding virtual stage c*pp + r."""
     v, pp, r = cfg.parallel.virtual_stages, state.pp_size, state.pp_rank
     ranges = layer_ranges(cfg.model.num_layers, pp, v)[r]
-    chunks = [GPT(cfg.model, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
-                  post_process=(r == pp - 1 and c == v - 1)) for c in range(v)]
+    with sharded_build(cfg, state):
+        chunks = [GPT(cfg.model, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
+                      post_process=(r == pp - 1 and c == v - 1)) for c in range(v)]
     return [c.to(device=state.device, dtype=cfg.train.param_dtype) for c in chunks]
+
+
+def sharded_build(cfg: Config, state):
+    """ZeRO-3 builds the model sharded, module by module (megaengine.zero_init): no rank holds it whole. Not
+    when Hugging Face weights are loaded into it (they arrive whole anyway)."""
+    z = cfg.optim.zero
+    return zero_init(state.dp_cp_group, dtype=cfg.train.param_dtype, device=state.device,
+                     param_persistence_threshold=z.stage3_param_persistence_threshold,
+                     enabled=z.stage == 3 and not cfg.checkpoint.load_hf)
 
 
 def build_optimizer(chunks, cfg: Config, state) -> ZeroOptimizer:
@@ -294,7 +305,8 @@ def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> 
     # Gradients finish at different times on different stages: reduce them all after the last backward.
     optimizer.set_is_last_microbatch(False)
     run_pipeline(plan.actions, chunks, pp_group=state.pp_group, forward_step=forward_step, num_microbatches=n,
-                 tensor_shape=plan.tensor_shape, dtype=plan.dtype, device=state.device, timeout=plan.timeout_s)
+                 tensor_shape=plan.tensor_shape, dtype=plan.dtype, device=state.device, timeout=plan.timeout_s,
+                 prefetch=optimizer.prefetch)
     optimizer.finish_grad_sync()
     optimizer.sync_tied_grads(state.embedding_group)
     return total

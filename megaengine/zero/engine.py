@@ -25,6 +25,7 @@ from megaengine.checkpoint import Checkpointer, Layout, checkpoint_dir
 from megaengine.parallel.mesh import ConfigError
 from megaengine.training.lr_schedule import scheduler_lr
 from megaengine.zero.config import DeepSpeedConfig, OptimConfig, load_config
+from megaengine.zero.init import cast_sharded_
 from megaengine.zero.optimizer import ZeroOptimizer
 
 log = logging.getLogger("megaengine.zero")
@@ -35,10 +36,8 @@ class ZeroEngine:
     def __init__(self, model: torch.nn.Module, config: DeepSpeedConfig, *, dp_group=None, tp_group=None,
                  pp_group=None, async_save: bool = False):
         self.module, self.config = model, config
-        if config.bf16:
-            model.to(torch.bfloat16)
-        elif config.fp16.enabled:
-            model.to(torch.float16)
+        if config.bf16 or config.fp16.enabled:  # a model built under zero_init: its shards too
+            cast_sharded_(model, torch.bfloat16 if config.bf16 else torch.float16)
         self.optimizer = ZeroOptimizer.from_config([model], OptimConfig.from_deepspeed(config), dp_group=dp_group,
                                                    tp_group=tp_group, pp_group=pp_group)
         self.groups = (dp_group, tp_group)

@@ -51,10 +51,6 @@ log = logging.getLogger("megaengine.zero")
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 def _group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
@@ -108,9 +104,6 @@ class ZeroOptimizer:
                  param_persistence_threshold: int = 100_000, max_live_parameters: int = 1_000_000_000):
         if stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
-        if stage == 3 and _group_size(pp_group) > 1:
-            raise ConfigError("zero_optimization.stage=3 with pipeline parallelism (pp > 1) is not supported: "
-                              "use stage 1 or 2 with --pipeline-model-parallel-size > 1, or pp = 1 with stage 3.")
         if offload_optimizer and stage == 0:
             raise ConfigError('zero_optimization.offload_optimizer needs stage >= 1 (got stage 0); set "stage": 1 '
                               'or higher, or remove offload_optimizer.')
@@ -124,6 +117,9 @@ class ZeroOptimizer:
         params = trainable_params(self.chunks)
         if not params:
             raise ValueError("the model has no trainable parameters")
+        if stage != 3 and any(param_info(p).zero_unit is not None for p in params):
+            raise ConfigError(f"the model was built sharded (megaengine.zero_init) but zero_optimization.stage is "
+                              f"{stage}; a sharded model needs stage 3 (or build it outside zero_init).")
         self.device = params[0].device
         dtypes = {p.dtype for p in params}
         if loss_scaler is None and torch.float16 in dtypes:
@@ -167,6 +163,7 @@ class ZeroOptimizer:
         self.step_count = 0
         self._segments = [self._bucket_segments(b) for b in self.buckets]
         self._synced = False
+        self._chunk_units: dict[int, set] = {}  # chunk index -> ids of its stage-3 units (prefetch)
 
     @classmethod
     def from_config(cls, model_chunks, optim, *, dp_group=None, tp_group=None, pp_group=None) -> "ZeroOptimizer":
@@ -190,7 +187,8 @@ class ZeroOptimizer:
         src = dist.get_global_rank(self.dp_group, 0) if self.dp_group is not None else 0
         with torch.no_grad():
             for p in params:
-                comm.broadcast(p.data, src, self.dp_group)
+                if param_info(p).zero_unit is None:  # a model built sharded was made equal as it was built
+                    comm.broadcast(p.data, src, self.dp_group)
 
     def _own_param_data(self, b) -> torch.Tensor:
         return b.shard if b.shard is not None else b.data[b.lo:b.hi]
@@ -333,6 +331,16 @@ class ZeroOptimizer:
         else:
             with self.gatherer.all_gathered():
                 yield
+
+    def prefetch(self, action) -> None:
+        """Stage 3 in a pipeline: start gathering what the next compute `action` (pipeline.schedules.Action) of
+        chunk `action.chunk` needs first; run_pipeline calls it before each p2p wait. W needs no weights."""
+        if self.gatherer is None or action.kind == "W":
+            return
+        if action.chunk not in self._chunk_units:
+            self._chunk_units[action.chunk] = {id(u) for module in self.chunks[action.chunk].modules()
+                                               for u in self.gatherer.uses.get(id(module), ())}
+        self.gatherer.prefetch_first(self._chunk_units[action.chunk], backward=action.kind != "F")
 
     def register_external_parameter(self, module: nn.Module, param: torch.Tensor) -> None:
         """Stage 3: `module`'s forward reads `param` although another module owns it (tied embeddings)."""

@@ -20,13 +20,14 @@ releases them when their gradients are ready, so each unit is still gathered twi
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
 import torch.distributed as dist
 
 from megaengine.parallel import comm
-from megaengine.parallel.params import full_shape, set_param_info
+from megaengine.parallel.params import full_shape, param_info, set_param_info
 from megaengine.zero.buffers import Bucket
 
 FREE, GATHERING, READY = "free", "gathering", "ready"
@@ -42,16 +43,21 @@ def _recomputing() -> bool:
 
 
 def split_persistent(chunks, params: list, threshold: int):
-    """(whole params, [(module, unit params)]): each non-persistent param belongs to its first owner module."""
+    """(whole params, [(module, unit params, unit or None)]): each non-persistent param belongs to its first
+    owner module. Parameters built sharded (zero_init) come with their unit, taken as it is."""
     trainable = {id(p) for p in params}
     owned, units = set(), []
     for chunk in chunks:
         for module in chunk.modules():
-            own = [p for p in module.parameters(recurse=False)
-                   if id(p) in trainable and id(p) not in owned and p.numel() > threshold]
-            owned.update(id(p) for p in own)
-            if own:
-                units.append((module, own))
+            own = [p for p in module.parameters(recurse=False) if id(p) in trainable and id(p) not in owned]
+            made = {id(param_info(p).zero_unit): param_info(p).zero_unit for p in own if param_info(p).zero_unit}
+            for u in made.values():
+                units.append((module, u.params, u))
+                owned.update(id(p) for p in u.params)
+            new = [p for p in own if id(p) not in owned and p.numel() > threshold]
+            owned.update(id(p) for p in new)
+            if new:
+                units.append((module, new, None))
     whole = [p for p in params if id(p) not in owned]
     return whole, units
 
@@ -65,19 +71,24 @@ class ParamGatherer:
         self.units: list[Bucket] = []
         self.unit_of: dict[int, Bucket] = {}
         self.uses: dict[int, list[Bucket]] = {}  # id(module) -> units its forward needs
-        for i, (module, params) in enumerate(unit_modules):
-            u = Bucket(first_index + i, params, size, rank)
-            u.shard = u.data[u.lo:u.hi].clone()
-            u.state, u.work, u.active = READY, None, 0  # active: modules inside their forward using it
+        for i, (module, params, made) in enumerate(unit_modules):
+            if made is not None:  # built sharded: only the shard exists
+                u, u.index, u.state = made, first_index + i, FREE
+            else:
+                u = Bucket(first_index + i, params, size, rank)
+                u.shard, u.state = u.data[u.lo:u.hi].clone(), READY
+            u.work, u.active = None, 0  # active: modules inside their forward using it
             self.units.append(u)
             self.unit_of.update({id(p): u for p in params})
         self.order: list[Bucket] = []  # units in first-forward order, frozen at the first backward
         self.traced = False
         self.pinned = False  # inside all_gathered(): nothing is released
-        self.live = sum(u.numel for u in self.units)
+        self.live = sum(u.numel for u in self.units if u.state != FREE)
         self.hooks = []
-        for module, _ in unit_modules:
+        for module in dict.fromkeys(m for m, _, _ in unit_modules):
             self._hook(module)
+        for u in self.units:
+            self.hooks += [p.register_hook(functools.partial(self._before_accumulate, u)) for p in u.params]
         self.release_all()
 
     def _hook(self, module) -> None:
@@ -143,6 +154,19 @@ class ParamGatherer:
         u.work, u.state = None, FREE
         self.live -= u.numel
 
+    def prefetch_first(self, units: set, backward: bool) -> None:
+        """Start gathering the first of `units` (ids) that a forward (or a backward: the last ones) will use,
+        up to the prefetch budget: called by the pipeline before it waits on p2p (ZeroOptimizer.prefetch)."""
+        if not self.traced:
+            return
+        todo = [u for u in self.order if id(u) in units]
+        budget = 0
+        for u in reversed(todo) if backward else todo:
+            if budget >= self.prefetch_numel or (u.state == FREE and self.live + u.numel > self.max_live_numel):
+                break
+            budget += u.numel
+            self._fetch(u)
+
     def _prefetch(self, current: list, step: int) -> None:
         if not self.traced or not current:
             return
@@ -184,6 +208,14 @@ class ParamGatherer:
         for u in units:
             self._wait(u)
         self._prefetch(units, -1)
+
+    def _before_accumulate(self, u: Bucket, grad):
+        """Accumulating a gradient needs the parameter's full shape. A pipeline's split backward computes
+        weight gradients (W) after the unit was released (they read activations and output gradients, not
+        weights): gather it again for them."""
+        if u.state != READY:
+            self._wait(u)
+        return grad
 
     def on_grads_ready(self, bucket: Bucket) -> None:
         if bucket.shard is not None:

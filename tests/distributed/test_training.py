@@ -145,6 +145,8 @@ ZERO_LAYOUTS = {
     "tp2-dp2-zero3": (4, 3, {"tp": 2}),
     "tp2-dp2-zero2-sp": (4, 2, {"tp": 2, "sequence-parallel": True}),
     "pp2-dp2-zero2": (4, 2, {"pp": 2}),
+    "pp2-dp2-zero3": (4, 3, {"pp": 2}),
+    "pp2-dp2-zero3-zb-h1": (4, 3, {"pp": 2, "pipeline-schedule": "zb-h1"}),
     "dp2-zero2-offload": (2, "2-offload", {}),
 }
 

@@ -388,7 +388,7 @@ def _unsupported_worker(rank, world):
     from megaengine.parallel import ConfigError
     ps = parallel.initialize(tp=1, pp=2)
     messages = []
-    for kw in (dict(stage=3), dict(stage=0, offload_optimizer=True), dict(stage=5)):
+    for kw in (dict(stage=0, offload_optimizer=True), dict(stage=5)):
         try:
             ZeroOptimizer([mlp()], dp_group=ps.dp_group, pp_group=ps.pp_group, **kw)
         except ConfigError as e:
@@ -398,6 +398,5 @@ def _unsupported_worker(rank, world):
 
 def test_unsupported_combinations_are_config_errors():
     for messages in run_distributed(_unsupported_worker, 2):
-        assert len(messages) == 3
-        assert "stage=3" in messages[0] and "pipeline" in messages[0]
-        assert "offload_optimizer" in messages[1] and "stage" in messages[2]
+        assert len(messages) == 2
+        assert "offload_optimizer" in messages[0] and "stage" in messages[1]
