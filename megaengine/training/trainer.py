@@ -132,9 +132,8 @@ def train(cfg: Config) -> None:
         if exiting:
             break
     logger.close()
-    if not exit_signal.received:
-        with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
-            sample_text(chunks, data.tokenizer, cfg, state, say)
+    if not exit_signal.received:  # (stage 3 gathers each module's parameters around its forward, as in training)
+        sample_text(chunks, data.tokenizer, cfg, state, say)
     checkpoints.wait()  # the last background save completes before the process group goes away
 
 
@@ -209,10 +208,11 @@ def build_model_chunks(cfg: Config, state) -> list:
 
 def sharded_build(cfg: Config, state):
     """ZeRO-3 builds the model sharded, module by module (megaengine.zero_init): no rank holds it whole. Not
-    when Hugging Face weights are loaded into it (they arrive whole anyway)."""
+    when Hugging Face weights are loaded into it (they arrive whole anyway). The GPT's seeded init draws the
+    same numbers on every rank, so nothing is broadcast."""
     z = cfg.optim.zero
     return zero_init(state.dp_cp_group, dtype=cfg.train.param_dtype, device=state.device,
-                     param_persistence_threshold=z.stage3_param_persistence_threshold,
+                     param_persistence_threshold=z.stage3_param_persistence_threshold, broadcast=False,
                      enabled=z.stage == 3 and not cfg.checkpoint.load_hf)
 
 

@@ -31,14 +31,14 @@ from megaengine.parallel.params import param_info, set_param_info
 from megaengine.zero.buffers import Bucket
 
 
-def shard_module_params(params: list, group, dtype, device) -> Bucket:
+def shard_module_params(params: list, group, dtype, device, broadcast: bool = True) -> Bucket:
     """Pack `params` (one module's) into a stage-3 unit and keep only this rank's shard: the unit is left as
     the stage-3 gatherer leaves a unit between uses (flat storage freed, parameters empty)."""
     with torch.no_grad():
         for p in params:
             p.data = p.data.to(dtype=dtype, device=device)
     u = Bucket(-1, params, dist.get_world_size(group), dist.get_rank(group))
-    if dist.get_world_size(group) > 1:  # every replica starts from dp rank 0's values, whatever RNG built them
+    if broadcast and dist.get_world_size(group) > 1:  # replicas start from dp rank 0's values, whatever RNG made them
         comm.broadcast(u.data, dist.get_global_rank(group, 0) if group is not None else 0, group)
     u.shard = u.data[u.lo:u.hi].clone()
     for p in params:
@@ -80,11 +80,13 @@ def _default_group():
 
 @contextlib.contextmanager
 def zero_init(dp_group=None, *, dtype=None, device=None, param_persistence_threshold: int = 100_000,
-              enabled: bool = True):
+              broadcast: bool = True, enabled: bool = True):
     """Within, every module attached to a parent has its large own parameters sharded over `dp_group` (default:
     the initialised parallel state's dp group, else the world). `dtype`: the parameters' dtype (default: as
     built); `device`: where the shards live (default: where the parameters were built);
-    `param_persistence_threshold`: ZeRO-3's (parameters this small stay whole). Yields the list of units made."""
+    `param_persistence_threshold`: ZeRO-3's (parameters this small stay whole); `broadcast`: make the replicas
+    equal by broadcasting each module from dp rank 0, as DeepSpeed does (False when every rank draws the same
+    numbers anyway, as the GPT's seeded init does). Yields the list of units made."""
     if not enabled:
         yield []
         return
@@ -97,7 +99,7 @@ def zero_init(dp_group=None, *, dtype=None, device=None, param_persistence_thres
         own = [p for p in module.parameters(recurse=False)
                if p.requires_grad and param_info(p).zero_unit is None and p.numel() > param_persistence_threshold]
         if own:
-            units.append(shard_module_params(own, group, dtype or own[0].dtype, device or own[0].device))
+            units.append(shard_module_params(own, group, dtype or own[0].dtype, device or own[0].device, broadcast))
 
     handle = nn.modules.module.register_module_module_registration_hook(on_attach)
     try:
