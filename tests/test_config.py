@@ -111,3 +111,20 @@ def test_help_gives_every_flag_one_line_and_at_most_one_default():
     assert out.stdout.count("--") > 60
     for block in re.split(r"\n  (?=-)", out.stdout):
         assert block.count("default:") <= 1, block
+
+
+def test_recompute_flags_become_the_models_recompute_config():
+    from megaengine.models import GPTConfig
+    from megaengine.models.recompute import RecomputeConfig
+    assert resolve(TINY).model.recompute == RecomputeConfig()
+    assert resolve(TINY + ["--recompute-activations"]).model.recompute == RecomputeConfig("selective")
+    cfg = resolve(TINY + ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers",
+                          "2"])
+    assert cfg.model.recompute == RecomputeConfig("full", "block", 2)
+    assert GPTConfig.from_dict(cfg.model.to_dict()) == cfg.model  # checkpoints store the model as a dict
+    assert "recompute full (block, 2)" in cfg.summary()
+    for extra, flag in ((["--recompute-activations", "--recompute-granularity", "full"], "--recompute-activations"),
+                        (["--recompute-granularity", "full", "--recompute-method", "uniform"], "--recompute-num-layers"),
+                        (["--recompute-num-layers", "2"], "--recompute-num-layers")):
+        with pytest.raises(ConfigError, match=flag):
+            resolve(TINY + extra)

@@ -43,9 +43,6 @@ class Layout:
         layer_ranges(config.num_layers, self.pp, self.virtual)
         if self.pp > 1:
             schedules.check_config(self.schedule, self.pp, self.microbatches, self.virtual)
-        if self.zero_stage == 3 and self.pp > 1:
-            raise ConfigError("ZeRO stage 3 with --pipeline-model-parallel-size > 1 is not supported yet; use stage "
-                              "1 or 2 with pipelines.")
 
 
 def planner_flags(parser) -> None:

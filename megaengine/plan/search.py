@@ -2,7 +2,7 @@
 
 Varied: tp (powers of two up to a node, dividing heads, query groups and ffn), pp (dividing the layers),
 virtual stages (interleaved, 2 or 4 chunks a rank), the schedule (1f1b, zb-h1, interleaved), dp (the rest),
-ZeRO stage (0-3; 3 only without pipelines, as the optimizer allows today; 1-3 only with dp > 1; not 0 with offload), the
+ZeRO stage (0-3; 1-3 only with dp > 1; not 0 with offload), the
 recomputation (none, selective, full uniform 1) and the micro-batch size (1, 2, 4, 8) at the run's global
 batch. Sequence parallelism is on whenever tp > 1 (Megatron's recommendation). Fixed: the model, the global
 batch, the ZeRO bucket sizes, the optimizer offload setting.
@@ -19,7 +19,6 @@ from megaengine.plan.predict import Hardware, Memory, StepTime, predict_memory, 
 
 RECOMPUTE = {"none": RecomputeConfig(), "selective": RecomputeConfig("selective"),
              "full": RecomputeConfig("full", "uniform", 1)}
-ZERO3_WITH_PIPELINES = False  # ZeroOptimizer refuses stage 3 with pp > 1 for now
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,7 @@ def candidates(config, base: Layout, world: int, hw: Hardware):
             dp = world // (tp * pp)
             for mbs in (1, 2, 4, 8):
                 for stage in range(4):
-                    if ((stage and dp == 1) or (stage == 3 and pp > 1 and not ZERO3_WITH_PIPELINES)
-                            or (stage == 0 and base.offload_optimizer)):
+                    if (stage and dp == 1) or (stage == 0 and base.offload_optimizer):
                         continue
                     layout = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, virtual=v, schedule=schedule,
                                                  micro_batch=mbs, zero_stage=stage)
