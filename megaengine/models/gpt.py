@@ -24,6 +24,7 @@ from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
 from megaengine.parallel.params import mark_tensor_parallel, set_param_info
 from megaengine.tensor_parallel.layers import resolve_group
+from megaengine.tensor_parallel.sequence_linear import gathered_linear
 
 
 @dataclass(frozen=True)
@@ -385,10 +386,9 @@ class GPT(nn.Module):
             logits = self.output_layer(x)
         else:
             if self.config.sequence_parallel:
-                x = comm.all_gather_sequence(x, self.tp_group, dim=0)
+                logits = gathered_linear(x, self.head_weight(), None, self.tp_group)
             else:
-                x = comm.copy_to_tp_region(x, self.tp_group)
-            logits = F.linear(x, self.head_weight())
+                logits = F.linear(comm.copy_to_tp_region(x, self.tp_group), self.head_weight())
         logits = self.mask_padding(logits)
         if labels is None:
             return logits

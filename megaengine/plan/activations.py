@@ -31,8 +31,8 @@ Where megaengine's layer departs from that sum (each is a term in `layer_terms`)
 - Norms: the fused kernels (Triton, CUDA: the GPU default) save the input and fp32 statistics (mean and
   rstd, or rstd); torch's LayerNorm on CPU saves them in the activation dtype; the torch RMSNorm keeps an
   fp32 copy of the input, the fp32 rstd and the normalised tensor.
-- Sequence parallelism: the column-parallel layers save their all-gathered input (s, not s/t); Megatron saves
-  the shard and gathers again in backward. So the QKV and fc1 inputs stay sbh each at any t.
+- Sequence parallelism: the column-parallel layers (QKV, fc1, the output layer) save their input's sequence
+  shard and gather it again in backward, as Megatron does (tensor_parallel/sequence_linear.py): sbh/t each.
 - Biases and residual adds save nothing; the RoPE cos/sin tables are shared by all layers (not counted here).
 - Full recomputation keeps the input of each recomputed group (Megatron's uniform method: one per group of
   N layers; block: the first N layers one by one, the rest keep everything).
@@ -98,7 +98,7 @@ def layer_terms(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes: int
     a, g, d = c.num_attention_heads // tp, c.num_query_groups // tp, c.kv_channels
     gqa, rope = c.num_query_groups != c.num_attention_heads, c.position_embedding_type == "rope"
     p_attn, p_hidden = c.attention_dropout > 0, c.hidden_dropout > 0
-    terms = {"norms": 2 * _norm_bytes(c, res, e, k), "column inputs": 2 * full * h * e}
+    terms = {"norms": 2 * _norm_bytes(c, res, e, k), "column inputs": 2 * res * h * e}
 
     if selective:  # the checkpoint keeps the attention core's inputs
         terms["attention core inputs"] = full * _qkv_inputs(c, tp, e, own_q=rope, own_k_heads=rope * g,
@@ -175,12 +175,12 @@ def embedding_bytes(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes:
 
 
 def head_bytes(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes: int, kernels: Kernels) -> float:
-    """The last stage: final norm, the output layer's (gathered) input, the fp32 softmax of the loss and the
-    targets (int64; with tp also the outside-range mask)."""
+    """The last stage: final norm, the output layer's input (its sequence shard with sp), the fp32 softmax of
+    the loss and the targets (int64; with tp also the outside-range mask)."""
     s, b, e = seq, micro_batch, dtype_bytes
     res = s * b / (tp if config.sequence_parallel else 1)
     vocab = config.padded_vocab_size(tp) // tp
-    out = _norm_bytes(config, res, e, kernels) + s * b * config.hidden_size * e
+    out = _norm_bytes(config, res, e, kernels) + res * config.hidden_size * e
     out += s * b * (vocab * 4 + 8 + (tp > 1))
     if config.padded_vocab_size(tp) != config.vocab_size:
         out += vocab  # the padding columns' mask (on the ranks holding padding; counted on all)

@@ -7,7 +7,8 @@ weight, which is then sliced. Each shard's split is recorded in its `ParamInfo`
 (megaengine.parallel.params), which gradient clipping, ZeRO and checkpoints read.
 
 Sequence parallelism (Korthikanti et al. 2022): activations outside these layers are split along dim 0 (the
-sequence, layout (seq, batch, hidden)); the column layer all-gathers them, the row layer reduce-scatters.
+sequence, layout (seq, batch, hidden)); the column layer all-gathers them (keeping only the shard for
+backward), the row layer reduce-scatters.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from megaengine.parallel import comm
 from megaengine.parallel.params import mark_tensor_parallel, param_info
+from megaengine.tensor_parallel.sequence_linear import gathered_linear
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -106,11 +108,10 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = comm.all_gather_sequence(x, self.group, dim=0)
+        if self.sequence_parallel:  # keeps x's shard for backward, not the gathered x (sequence_linear.py)
+            y = gathered_linear(x, self.weight, self.bias, self.group)
         else:
-            x = comm.copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+            y = F.linear(comm.copy_to_tp_region(x, self.group), self.weight, self.bias)
         return comm.gather_from_tp_region(y, self.group, dim=-1) if self.gather_output else y
 
 

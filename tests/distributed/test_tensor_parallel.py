@@ -150,3 +150,35 @@ def test_gpt_loss_and_grads_match_tp1(tp, world, variant, sp):
     for rank, rank_errors in enumerate(run_distributed(_gpt_case, world, tp, variant, sp)):
         for name, err in rank_errors.items():
             assert err <= TOL, f"rank {rank} {name}: relative error {err:.2e} (tp={tp} {variant} sp={sp})"
+
+
+def _sequence_column_case(rank, world):
+    """A sequence-parallel column layer keeps its input's shard for backward, not the gathered input; in a
+    split backward, B (input gradient) reduce-scatters and gathers nothing, W (weight gradients) gathers the
+    shard again and reduce-scatters nothing; the gradients equal a plain backward's."""
+    from megaengine import parallel
+    from megaengine.parallel import comm
+    from megaengine.pipeline.executor import backward_split
+    from megaengine.plan.measure import SavedBytes
+    from megaengine.tensor_parallel import ColumnParallelLinear
+    state = parallel.initialize(tp=world)
+    col = ColumnParallelLinear(16, 32, sequence_parallel=True, group=state.tp_group, init_method=_seeded(1))
+    x = torch.randn(8, 2, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    with SavedBytes(col.parameters()) as saved:
+        y = col(x * 1.0)  # x * 1.0: the stage input feeds an op first, as in the GPT
+    plain = torch.autograd.grad(y, [x, col.weight, col.bias], torch.ones_like(y), retain_graph=True)
+    comm.comm_stats.reset()
+    dx, w = backward_split(y, torch.ones_like(y), x)
+    b_volume = dict(comm.comm_stats.bytes)
+    comm.comm_stats.reset()
+    w()
+    w_volume = dict(comm.comm_stats.bytes)
+    shard = x.numel() * 4
+    return (saved.total == shard, set(b_volume) == {"reduce_scatter"}, set(w_volume) == {"all_gather"},
+            max(rel_error(a, b) for a, b in ((dx, plain[0]), (col.weight.grad, plain[1]), (col.bias.grad, plain[2]))))
+
+
+def test_sequence_parallel_column_keeps_the_shard_and_splits_its_backward():
+    for saved_shard, b_only_scatters, w_only_gathers, err in run_distributed(_sequence_column_case, 2):
+        assert saved_shard and b_only_scatters and w_only_gathers
+        assert err <= TOL
