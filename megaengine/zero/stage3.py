@@ -12,6 +12,15 @@ again (prefetching the previous units), and the unit is released when all its gr
 reducer's `on_grads_ready`). A parameter used outside its module's forward (a tied output embedding read by
 the parent) must be announced with `register_external_parameter(module, param)`.
 
+A model built under `zero_init` (zero/init.py) arrives with its units already made (each parameter's
+`ParamInfo.zero_unit`): they are adopted as they are, with only their shard ever allocated.
+
+In a pipeline (pp > 1) every micro-batch's forward and backward gather and release the units of the stage's
+chunks as above, and the executor calls `prefetch_first` before each p2p wait with the units the next action
+needs first. A split backward's W pass (zero bubble) computes weight gradients after a later forward may
+have released the unit; accumulating them needs the parameter's shape, so a gradient arriving for a
+released unit gathers it again (a tensor hook on each parameter).
+
 Activation recomputation runs module forwards inside a backward pass. Such a forward gathers as usual but
 neither prefetches (forward order is the wrong direction there) nor releases, nor counts as a use (torch's
 early stop may cut it short before its post-hook): the backward that follows reads the same parameters and
