@@ -56,7 +56,8 @@ def block_plan(step: int, rank: int, cp: int, causal: bool, half: int) -> tuple[
 def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold a block's softmax-normalised output into the running one, in place (views allowed)."""
     new = torch.logaddexp(lse, block_lse)
-    out.mul_(torch.exp(lse - new).unsqueeze(-1)).add_(block_out.to(out.dtype) * torch.exp(block_lse - new).unsqueeze(-1))
+    out.mul_(torch.exp(lse - new).unsqueeze(-1))
+    out.add_(block_out.to(out.dtype) * torch.exp(block_lse - new).unsqueeze(-1))
     lse.copy_(new)
 
 

@@ -74,6 +74,16 @@ def test_good_layouts_pass():
     check_context_parallel(1, seq_length=7, attention_dropout=0.1)
 
 
+def test_send_bytes_formula_by_hand():
+    # p2p, cp 4, batch 2, seq 32, 4 kv heads, head_dim 8, fp32: one rank's K and V are 2·2·4·8·8 = 1024
+    # elements; 3 hops forward, and 3 hops of K/V plus 3 of the fp32 dK/dV accumulator backward.
+    assert attention_send_bytes("p2p", cp=4, batch=2, seq=32, heads=8, kv_heads=4, head_dim=8,
+                                dtype_bytes=4) == {"forward": 3 * 1024 * 4, "backward": 3 * 1024 * 8}
+    # a2a, cp 2: q and out 8·(2·16·8) = 2048 elements each, k and v 1024 each; half of it leaves the rank.
+    assert attention_send_bytes("a2a", cp=2, batch=2, seq=32, heads=8, kv_heads=4, head_dim=8,
+                                dtype_bytes=4) == {"forward": 6144 * 4 // 2, "backward": 6144 * 4 // 2}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The attention function on forked gloo ranks
 
