@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -11,6 +12,21 @@ from megaengine.context_parallel.validate import COMM_TYPES
 from megaengine.errors import ConfigError
 from megaengine.kernels._shared import resolve_backend
 from megaengine.kernels.attention import flash_attention
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """A cp group as the model uses it: the ranks sharing each sequence, and how K/V travel between them."""
+    group: object
+    comm_type: str = "p2p"
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
 
 
 def context_parallel_attention(q, k, v, group, *, causal: bool = True, comm_type: str = "p2p",

@@ -11,7 +11,8 @@ COMM_TYPES = ("p2p", "a2a")
 
 def check_context_parallel(cp: int, comm_type: str = "p2p", *, seq_length: int, tp: int = 1,
                            sequence_parallel: bool = False, num_attention_heads: int | None = None,
-                           num_query_groups: int | None = None, attention_dropout: float = 0.0) -> None:
+                           num_query_groups: int | None = None, attention_dropout: float = 0.0,
+                           attention_backend: str = "auto") -> None:
     """Sequence: 2·cp equal chunks (each rank holds two), and with sequence parallelism a rank's seq/cp
     tokens split over tp; so seq must divide by lcm(2·cp, cp·tp). a2a: the heads and query groups of a
     tp rank are split over cp, so both must divide by cp·tp."""
@@ -37,6 +38,9 @@ def check_context_parallel(cp: int, comm_type: str = "p2p", *, seq_length: int, 
                     f"{flag}={value} must be divisible by --context-parallel-size x tensor-parallel size "
                     f"({cp} x {tp} = {cp * tp}) with --cp-comm-type a2a, which splits each rank's heads over cp; "
                     "use --cp-comm-type p2p, or a head count that is a multiple of it.")
+    if attention_backend == "sdpa":
+        raise ConfigError("--attention-backend sdpa cannot run context-parallel attention (it returns no log-sum-exp "
+                          "to merge blocks with); use auto, triton or torch.")
     if attention_dropout:
         raise ConfigError(f"--attention-dropout={attention_dropout}: context-parallel attention has no attention "
                           "dropout; set --attention-dropout 0.")

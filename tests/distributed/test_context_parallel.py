@@ -179,3 +179,48 @@ def test_bytes_match_theory(results, key):
         assert fwd_volume[op] == pytest.approx(want["forward"], rel=1e-12)
         assert bwd_volume[op] == pytest.approx(want["backward"], rel=1e-12)
         assert (fwd_calls[op], bwd_calls[op]) == calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPT at cp2 with the Triton kernels (interpreted on CPU) against one process with torch's
+
+def _gpt_loss_and_grads(rank, world, variant, comm_type):
+    """Per-token loss of the whole sequence and every parameter's gradient of its mean, at cp=world with Triton
+    attention and norms, and in one process with torch's (each rank builds that one alone)."""
+    from megaengine import parallel
+    from megaengine.models import GPT, GPTConfig
+    from megaengine.testing import single_rank_groups
+    state = parallel.initialize(cp=world)
+    alone = single_rank_groups()
+    extra = {"llama": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=2,
+                           add_bias_linear=False)}.get(variant, {})
+    ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, backend, cp_group in (("cp", "triton", state.cp_group), ("one", "torch", None)):
+        cfg = GPTConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=50,
+                        hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8,
+                        init_method_std=0.2, attention_backend=backend, normalization_backend=backend, **extra)
+        model = GPT(cfg, alone, cp_group=cp_group, cp_comm_type=comm_type)
+        tokens, labels = ids[:, :-1], ids[:, 1:]
+        if cp_group is not None:
+            tokens, labels = (split_for_rank(t, world, rank) for t in (tokens, labels))
+        loss = model(tokens, labels)
+        (loss.mean() / (world if cp_group is not None else 1)).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        if cp_group is not None:  # the whole sequence's loss and gradient: gather the rows, sum the gradients
+            parts = [torch.empty_like(loss) for _ in range(world)]
+            dist.all_gather(parts, loss.detach(), group=cp_group)
+            loss = merge_from_ranks(parts)
+            for g in grads.values():
+                dist.all_reduce(g, group=cp_group)
+        out[name] = (loss.detach(), grads)
+    return out
+
+
+@pytest.mark.parametrize("variant, comm_type", [("gpt2", "p2p"), ("llama", "p2p"), ("llama", "a2a")])
+def test_gpt_at_cp2_with_triton_kernels_equals_one_process(variant, comm_type):
+    for out in run_distributed(_gpt_loss_and_grads, 2, variant, comm_type):
+        (loss, grads), (ref_loss, ref_grads) = out["cp"], out["one"]
+        assert rel_error(loss, ref_loss) <= TOL
+        for name in ref_grads:
+            assert rel_error(grads[name], ref_grads[name]) <= TOL, name
