@@ -57,3 +57,25 @@ def _torch_backward(dout, q, k, v, out, lse, causal, scale):
     dk = dk.view(batch, kv_heads, group, seq_k, d).sum(2)
     dv = dv.view(batch, kv_heads, group, seq_k, d).sum(2)
     return dq, dk, dv
+
+
+class BlockAttention(torch.autograd.Function):
+    """Attention on one block that keeps only q, k, v, the output and the log-sum-exp for the backward (flash
+    style, on either backend): the torch backend would otherwise keep the (seq_q, seq_k) probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        out, lse = block_forward(q, k, v, causal, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def block_attention(q, k, v, causal: bool, scale: float, backend: str):
+    return BlockAttention.apply(q, k, v, causal, scale, backend)

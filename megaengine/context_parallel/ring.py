@@ -65,7 +65,10 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, backend: str):
     """(out in q's dtype, lse in the accumulation dtype) for this rank's queries over the whole sequence."""
     cp, rank, half = dist.get_world_size(group), dist.get_rank(group), q.shape[2] // 2
     acc = accumulate_dtype(q)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # (seq, batch, heads, d) in memory, (batch, heads, seq, d) in shape: the layer's permute back to (seq, batch,
+    # hidden) is then a view, not a copy the next projection would save for its backward.
+    b, h, s, d = q.shape
+    out = torch.zeros((s, b, h, d), dtype=acc, device=q.device).permute(1, 2, 0, 3)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     for step in range(cp):

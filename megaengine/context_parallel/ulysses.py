@@ -2,7 +2,8 @@
 
 q, k and v arrive sequence-sharded (this rank's two zigzag chunks, all local heads); one all-to-all each
 makes them head-sharded (heads/cp of them, the whole sequence), attention runs on the whole sequence with an
-ordinary kernel, and one all-to-all brings the output back to sequence shards. The zigzag order is undone
+ordinary kernel (blocks.block_attention: Triton's or torch's, keeping only q, k, v, out and the log-sum-exp for
+the backward), and one all-to-all brings the output back to sequence shards. The zigzag order is undone
 after the exchange and redone before the return one, so the kernel sees tokens in their true order and the
 causal mask is the plain one. Needs the local heads and kv heads divisible by cp.
 
@@ -14,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaengine.context_parallel.blocks import block_attention
 from megaengine.context_parallel.layout import layout_order
-from megaengine.kernels.attention import flash_attention
 from megaengine.parallel import comm
 
 
@@ -40,4 +41,4 @@ def ulysses_attention(q, k, v, group, causal: bool, scale: float, backend: str):
     order = layout_order(q.shape[2] * cp, cp).to(q.device)
     inverse = torch.argsort(order)
     q, k, v = (_to_heads(t, group, inverse) for t in (q, k, v))
-    return _to_sequence(flash_attention(q, k, v, causal, scale, backend), group, order)
+    return _to_sequence(block_attention(q, k, v, causal, scale, backend), group, order)

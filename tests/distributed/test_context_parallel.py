@@ -224,3 +224,27 @@ def test_gpt_at_cp2_with_triton_kernels_equals_one_process(variant, comm_type):
         assert rel_error(loss, ref_loss) <= TOL
         for name in ref_grads:
             assert rel_error(grads[name], ref_grads[name]) <= TOL, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: benchmarks/context_parallel.py's count of saved activations, on a tiny GPT
+
+def test_saved_activations_per_rank_are_one_cp_th():
+    """Each storage autograd saves in one forward, parameters excluded, counted once: p2p keeps 1/cp (to 0.1%)
+    of one process's bytes per rank; a2a at most that and within 5% (it saves its own exchanged q, k, v instead
+    of a view into the fused qkv output). Attention bytes sent per layer equal the formula."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "context_parallel.py")
+    spec = importlib.util.spec_from_file_location("context_parallel_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = {"seq": 64, "hidden": 64, "heads": 4, "layers": 2, "batch": 2, "vocab": 64}
+    rows = bench.run([1, 2, 4], cfg, steps=1)
+    base = rows[0]["saved"]
+    assert [(r["cp"], r["comm"]) for r in rows] == [(1, "-"), (2, "p2p"), (2, "a2a"), (4, "p2p"), (4, "a2a")]
+    for r in rows[1:]:
+        ratio = r["saved"] * r["cp"] / base
+        assert abs(ratio - 1) <= 1e-3 if r["comm"] == "p2p" else 0.95 <= ratio <= 1.0, (r, ratio)  # + a scalar
+        assert r["sent"] == cfg["layers"] * r["theory"], r
+    assert "| 4 | p2p | 16 |" in bench.table(rows, cfg)
