@@ -10,5 +10,6 @@ from megaengine.context_parallel.layout import (layout_order, merge_from_ranks, 
                                                 zigzag_indices)
 from megaengine.context_parallel.validate import COMM_TYPES, check_context_parallel
 
-__all__ = ["COMM_TYPES", "ContextParallel", "attention_send_bytes", "check_context_parallel", "context_parallel_attention",
-           "layout_order", "merge_from_ranks", "position_ids", "split_for_rank", "zigzag_indices"]
+__all__ = ["COMM_TYPES", "ContextParallel", "attention_send_bytes", "check_context_parallel",
+           "context_parallel_attention", "layout_order", "merge_from_ranks", "position_ids", "split_for_rank",
+           "zigzag_indices"]

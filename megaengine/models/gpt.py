@@ -4,8 +4,9 @@ A `GPT` holds one contiguous range of transformer layers, with the embedding whe
 stage and the final norm and output layer when it is the last, so a pipeline stage is just a GPT built with
 `layers=(start, end)`. Activations are (seq, batch, hidden) between layers, sequence-sharded over tp when
 sequence parallel. With a context-parallel group a rank holds its share of every sequence (context_parallel.
-layout): positions follow that share and attention runs over the whole sequence across the group. Every weight is created whole from a seed derived from its name, then sliced: the same
-model comes out at any tp or pp.
+layout): positions follow that share and attention runs over the whole sequence across the group. Every
+weight is created whole from a seed derived from its name, then sliced: the same model comes out at any tp,
+pp or cp.
 """
 from __future__ import annotations
 
@@ -289,9 +290,9 @@ class GPT(nn.Module):
         config.validate(self.tp_size)
         cp = 1 if cp_group is None else dist.get_world_size(cp_group)
         check_context_parallel(cp, cp_comm_type, seq_length=config.seq_length, tp=self.tp_size,
-                               sequence_parallel=config.sequence_parallel, num_attention_heads=config.num_attention_heads,
-                               num_query_groups=config.num_query_groups, attention_dropout=config.attention_dropout,
-                               attention_backend=config.attention_backend)
+                               sequence_parallel=config.sequence_parallel,
+                               num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+                               attention_dropout=config.attention_dropout, attention_backend=config.attention_backend)
         self.cp = ContextParallel(cp_group, cp_comm_type) if cp > 1 else None
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layers or (0, config.num_layers)

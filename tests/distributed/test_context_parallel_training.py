@@ -1,8 +1,10 @@
 """Context parallelism through the trainer's flags (--cp, --cp-comm-type) on gloo ranks.
 
-Five steps at each layout (ZeRO 0, 1 and 3 among them) equal one process (relative loss difference <= 1e-5 per iteration, fp32), for a
-GPT-2 style model (learned positions, MHA) and a LLaMA style one (RoPE, GQA 4/2, RMSNorm, SwiGLU); one
-reference run per model. The same runs count the bytes context-parallel attention sends in each step and
+Five steps at each layout (ZeRO 0, 1 and 3 among them) equal one process (relative loss difference <= 1e-5
+per iteration, fp32), for a GPT-2 style model (learned positions, MHA) and a LLaMA style one (RoPE, GQA 4/2,
+RMSNorm, SwiGLU); one reference run per model. The weights start at std 0.2 (not 0.02) so that attention is
+sharp enough for misplaced positions to move the loss by > 1e-3 (checked by hand at cp2 and cp4: positions
+0..s/cp-1 on every rank, or attention over the local tokens only, fail by 3e-3 to 3e-2). The same runs count the bytes context-parallel attention sends in each step and
 compare them per layer with context_parallel.cost. A checkpoint saved at cp2 resumes at cp1 and at cp4 on the
 reference loss curve. Bad layouts stop with one message from rank 0.
 """
@@ -17,8 +19,8 @@ from test_training import _main, assert_same_losses, model_flags, train
 
 MODELS = {
     "learned": {"num-layers": 2, "init-method-std": 0.2},
-    "rope": {"num-layers": 2, "init-method-std": 0.2, "position-embedding-type": "rope", "normalization": "RMSNorm", "swiglu": True,
-             "num-query-groups": 2, "disable-bias-linear": True},
+    "rope": {"num-layers": 2, "init-method-std": 0.2, "position-embedding-type": "rope", "normalization": "RMSNorm",
+             "swiglu": True, "num-query-groups": 2, "disable-bias-linear": True},
 }
 HEADS, HEAD_DIM, SEQ, MICRO, GLOBAL = 4, 8, 16, 2, 8  # model_flags' sizes: hidden 32 / 4 heads
 
