@@ -11,6 +11,9 @@ Communication, counted by megaengine.parallel.comm per rank and call, equals cos
   2(cp-1) backward.
 - a2a: forward and backward each (cp-1)/cp · batch·(seq/cp)·head_dim·(2·heads + 2·kv_heads)·4 bytes, in 4
   all-to-alls each (q, k, v, out; then dout, dq, dk, dv).
+
+Also: the GPT at cp2 with the Triton kernels (interpreted) equals one process with torch's (loss of every
+token, every gradient, <= 1e-5), and its saved activations per rank are 1/cp of one process's.
 """
 import zlib
 
@@ -184,7 +187,7 @@ def test_bytes_match_theory(results, key):
 # ---------------------------------------------------------------------------------------------------------
 # The GPT at cp2 with the Triton kernels (interpreted on CPU) against one process with torch's
 
-def _gpt_loss_and_grads(rank, world, variant, comm_type):
+def _gpt_loss_and_grads(rank, world, comm_type):
     """Per-token loss of the whole sequence and every parameter's gradient of its mean, at cp=world with Triton
     attention and norms, and in one process with torch's (each rank builds that one alone)."""
     from megaengine import parallel
@@ -192,14 +195,14 @@ def _gpt_loss_and_grads(rank, world, variant, comm_type):
     from megaengine.testing import single_rank_groups
     state = parallel.initialize(cp=world)
     alone = single_rank_groups()
-    extra = {"llama": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=2,
-                           add_bias_linear=False)}.get(variant, {})
     ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
     out = {}
     for name, backend, cp_group in (("cp", "triton", state.cp_group), ("one", "torch", None)):
-        cfg = GPTConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=50,
+        cfg = GPTConfig(num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=50,
                         hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8,
-                        init_method_std=0.2, attention_backend=backend, normalization_backend=backend, **extra)
+                        init_method_std=0.2, attention_backend=backend, normalization_backend=backend,
+                        position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=2,
+                        add_bias_linear=False)
         model = GPT(cfg, alone, cp_group=cp_group, cp_comm_type=comm_type)
         tokens, labels = ids[:, :-1], ids[:, 1:]
         if cp_group is not None:
@@ -217,9 +220,10 @@ def _gpt_loss_and_grads(rank, world, variant, comm_type):
     return out
 
 
-@pytest.mark.parametrize("variant, comm_type", [("gpt2", "p2p"), ("llama", "p2p"), ("llama", "a2a")])
-def test_gpt_at_cp2_with_triton_kernels_equals_one_process(variant, comm_type):
-    for out in run_distributed(_gpt_loss_and_grads, 2, variant, comm_type):
+@pytest.mark.parametrize("comm_type", ["p2p", "a2a"])
+def test_gpt_at_cp2_with_triton_kernels_equals_one_process(comm_type):
+    """LLaMA-style (RoPE, GQA 4/2, RMSNorm, SwiGLU): the loss of every token and every gradient."""
+    for out in run_distributed(_gpt_loss_and_grads, 2, comm_type):
         (loss, grads), (ref_loss, ref_grads) = out["cp"], out["one"]
         assert rel_error(loss, ref_loss) <= TOL
         for name in ref_grads:
