@@ -2,7 +2,7 @@
 
 Five steps at each layout (ZeRO 0, 1 and 3 among them) equal one process (relative loss difference <= 1e-5
 per iteration, fp32), for a GPT-2 style model (learned positions, MHA) and a LLaMA style one (RoPE, GQA 4/2,
-RMSNorm, SwiGLU); one reference run per model. The weights start at std 0.2 (not 0.02) so that attention is
+RMSNorm, SwiGLU); one reference run per model; the validation loss after the last step is compared too. The weights start at std 0.2 (not 0.02) so that attention is
 sharp enough for misplaced positions to move the loss by > 1e-3 (checked by hand at cp2 and cp4: positions
 0..s/cp-1 on every rank, or attention over the local tokens only, fail by 3e-3 to 3e-2). The same runs count the bytes context-parallel attention sends in each step and
 compare them per layer with context_parallel.cost. A checkpoint saved at cp2 resumes at cp1 and at cp4 on the
@@ -15,8 +15,9 @@ import pytest
 from megaengine.context_parallel import attention_send_bytes
 from megaengine.testing import run_distributed
 from test_checkpoint import zero3_json
-from test_training import _main, assert_same_losses, model_flags, train
+from test_training import TOL, _main, assert_same_losses, model_flags, train
 
+EVAL = {"eval-iters": 1, "eval-interval": 5}  # one validation pass, at the end: its loss is compared too
 MODELS = {
     "learned": {"num-layers": 2, "init-method-std": 0.2},
     "rope": {"num-layers": 2, "init-method-std": 0.2, "position-embedding-type": "rope", "normalization": "RMSNorm",
@@ -63,11 +64,18 @@ def expected_per_layer(flags: dict, groups: int) -> tuple[str, float, int]:
     return "all_to_all", sent["forward"] + sent["backward"], 8  # q, k, v, out; and their gradients
 
 
+def valid_loss(metrics) -> float:
+    (loss,) = [r["valid_loss"] for r in map(json.loads, open(metrics)) if "valid_loss" in r]
+    return loss
+
+
 @pytest.fixture(scope="module")
 def references(tiny_corpus, tmp_path_factory):
     prefix, tok = tiny_corpus
     tmp = tmp_path_factory.mktemp("cpref")
-    return {name: train(1, model_flags(prefix, tok, **over), tmp / f"{name}.jsonl") for name, over in MODELS.items()}
+    out = {name: train(1, model_flags(prefix, tok, **over, **EVAL), tmp / f"{name}.jsonl")
+           for name, over in MODELS.items()}
+    return {name: (losses, valid_loss(tmp / f"{name}.jsonl")) for name, losses in out.items()}
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -77,11 +85,13 @@ def test_five_steps_match_single_process_and_send_the_theory(layout, model, refe
     world, over = LAYOUTS[layout]
     metrics = tmp_path / "m.jsonl"
     flags = {**over, "zero-config": zero3_json(tmp_path)} if "zero-config" in over else over
-    out = run_distributed(_main_counting, world, model_flags(prefix, tok, **MODELS[model], **flags) +
+    out = run_distributed(_main_counting, world, model_flags(prefix, tok, **MODELS[model], **flags, **EVAL) +
                           ["--metrics-file", str(metrics)], timeout=300)
     assert [code for code, _ in out] == [0] * world
     losses = {r["iteration"]: r for r in map(json.loads, open(metrics)) if "loss" in r}
-    assert_same_losses(losses, references[model], f"{layout} {model}")
+    reference, reference_valid = references[model]
+    assert_same_losses(losses, reference, f"{layout} {model}")
+    assert abs(valid_loss(metrics) - reference_valid) <= TOL * reference_valid
 
     op, per_layer, calls = expected_per_layer(over, MODELS[model].get("num-query-groups", HEADS))
     layers = MODELS[model]["num-layers"] // over.get("pp", 1)
@@ -107,7 +117,7 @@ def test_checkpoint_saved_at_cp2_resumes_at_cp1_and_cp4(references, tiny_corpus,
     for world, over in ((1, {}), (4, {"cp": 4, "use-distributed-optimizer": True})):
         rest = train(world, model_flags(prefix, tok, **flags, **over, load=save), tmp_path / f"b{world}.jsonl")
         assert sorted(rest) == [3, 4, 5]
-        assert_same_losses({**first, **rest}, references["learned"], f"cp2 -> {over or 'cp1'}")
+        assert_same_losses({**first, **rest}, references["learned"][0], f"cp2 -> {over or 'cp1'}")
 
 
 BAD = {
