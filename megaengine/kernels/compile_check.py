@@ -153,9 +153,11 @@ def _attention_jobs():
 def _norm_jobs():
     from megaengine.kernels._shared import CHUNK, ONE_PASS_MAX, ONE_PASS_MAX_BWD, norm_pick
     jobs = {}
-    for kind, one_pass_max, kernels in (("fwd", ONE_PASS_MAX, {"_layer_norm_fwd": {"HAS_BIAS": True},
-                                                                "_rms_norm_fwd": {}}),
-                                        ("bwd", ONE_PASS_MAX_BWD, {"_layer_norm_bwd": {}, "_rms_norm_bwd": {}})):
+    # LayerNorm and RMSNorm share one kernel per pass (norms.py); the RMS flag compiles it either way.
+    for kind, one_pass_max, kernels in (("fwd", ONE_PASS_MAX, {"_layer_norm_fwd": {"RMS": False, "HAS_BIAS": True},
+                                                                "_rms_norm_fwd": {"RMS": True, "HAS_BIAS": False}}),
+                                        ("bwd", ONE_PASS_MAX_BWD, {"_layer_norm_bwd": {"RMS": False},
+                                                                   "_rms_norm_bwd": {"RMS": True}})):
         for name, extra in kernels.items():
             for arch in ARCHS:
                 for block_n, one_pass in ((1024, True), (one_pass_max, True), (CHUNK, False)):
