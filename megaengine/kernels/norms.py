@@ -80,11 +80,16 @@ def _norm_fwd(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, N, eps,
 
 
 @triton.jit
-def _row_terms(X, DY, r, stride_x, stride_dy, cols, mask, mean, rstd):
-    """(dy, xhat) of row r at cols, in fp32; xhat is 0 outside the row."""
-    x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    return dy, tl.where(mask, (x - mean) * rstd, 0.0)
+def _load_row(X, DY, r, stride_x, stride_dy, cols, mask):
+    """x and dy of row r at cols, in their own dtype."""
+    return tl.load(X + r * stride_x + cols, mask=mask, other=0.0), tl.load(DY + r * stride_dy + cols, mask=mask,
+                                                                           other=0.0)
+
+
+@triton.jit
+def _row_terms(x, dy, mask, mean, rstd):
+    """(dy, xhat) in fp32; xhat is 0 outside the row."""
+    return dy.to(tl.float32), tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
 
 
 @triton.jit
@@ -97,25 +102,42 @@ def _dx(wdy, xhat, c1, c2, rstd, RMS: tl.constexpr):
 
 
 @triton.jit
-def _norm_bwd(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, stride_x, stride_dy, stride_dx, M, N, rows_per_program,
-              RMS: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr):
+def _norm_bwd(X, W, DY, DX, MEAN, RSTD, PARTIALS, stride_x, stride_dy, stride_dx, M, N, rows_per_program,
+              RMS: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr, PREFETCH: tl.constexpr = False):
     """dx = rstd * (w*dy - xhat * mean(w*dy*xhat) - mean(w*dy)), without the last term for RMSNorm; program p
-    also writes row p of the partial sums of dy*xhat (dweight) and, LayerNorm, dy (dbias) over its rows."""
+    also writes row p of the partial sums of dy*xhat (dweight) and, LayerNorm, dy (dbias) over its rows:
+    PARTIALS is (1 or 2, programs, N), dweight's rows first.
+
+    A program walks its rows one after the other, and each row's loads wait for the previous row's two block
+    reductions: one row in flight per program. PREFETCH (one-pass rows) issues the next row's loads before
+    this row's reductions, two rows in flight, at the cost of the registers that hold them; the autotuner
+    picks."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    part = pid.to(tl.int64) * N
+    dw_part = PARTIALS + pid.to(tl.int64) * N
+    db_part = dw_part + tl.num_programs(0).to(tl.int64) * N
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            # (a scalar-and-block `&` breaks the interpreter, hence the products in these masks)
+            x_next, dy_next = _load_row(X, DY, tl.cast(row_start, tl.int64), stride_x, stride_dy, cols,
+                                        cols < N * (row_start < row_end).to(tl.int32))
         for row in range(row_start, row_end):
             r = tl.cast(row, tl.int64)  # a plain int under the interpreter
+            if PREFETCH:
+                x_raw, dy_raw = x_next, dy_next
+                x_next, dy_next = _load_row(X, DY, r + 1, stride_x, stride_dy, cols,
+                                            cols < N * (row + 1 < row_end).to(tl.int32))
+            else:
+                x_raw, dy_raw = _load_row(X, DY, r, stride_x, stride_dy, cols, mask)
             mean = 0.0 if RMS else tl.load(MEAN + r)
             rstd = tl.load(RSTD + r)
-            dy, xhat = _row_terms(X, DY, r, stride_x, stride_dy, cols, mask, mean, rstd)
+            dy, xhat = _row_terms(x_raw, dy_raw, mask, mean, rstd)
             wdy = w * dy
             c2 = 0.0
             if not RMS:
@@ -124,9 +146,9 @@ def _norm_bwd(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, stride_x, stride_dy, s
             dx = _dx(wdy, xhat, tl.sum(xhat * wdy, 0) / N, c2, rstd, RMS)
             tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
-        tl.store(DW_PART + part + cols, dw, mask=mask)
+        tl.store(dw_part + cols, dw, mask=mask)
         if not RMS:
-            tl.store(DB_PART + part + cols, db, mask=mask)
+            tl.store(db_part + cols, db, mask=mask)
     else:
         for row in range(row_start, row_end):
             r = tl.cast(row, tl.int64)  # a plain int under the interpreter
@@ -138,7 +160,8 @@ def _norm_bwd(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, stride_x, stride_dy, s
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                dy, xhat = _row_terms(X, DY, r, stride_x, stride_dy, cols, mask, mean, rstd)
+                x_raw, dy_raw = _load_row(X, DY, r, stride_x, stride_dy, cols, mask)
+                dy, xhat = _row_terms(x_raw, dy_raw, mask, mean, rstd)
                 wdy = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * dy
                 c1 += tl.sum(xhat * wdy, 0)
                 if not RMS:
@@ -146,7 +169,8 @@ def _norm_bwd(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, stride_x, stride_dy, s
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                dy, xhat = _row_terms(X, DY, r, stride_x, stride_dy, cols, mask, mean, rstd)
+                x_raw, dy_raw = _load_row(X, DY, r, stride_x, stride_dy, cols, mask)
+                dy, xhat = _row_terms(x_raw, dy_raw, mask, mean, rstd)
                 dx = _dx(tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * dy, xhat, c1 / N, c2 / N, rstd,
                          RMS)
                 tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -154,11 +178,11 @@ def _norm_bwd(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, stride_x, stride_dy, s
                 # re-run by the autotuner does not double them); later rows add to them.
                 # (a scalar-and-block `&` breaks the interpreter, hence the product)
                 keep = cols < N * (row > row_start).to(tl.int32)
-                dw = tl.load(DW_PART + part + cols, mask=keep, other=0.0) + dy * xhat
-                tl.store(DW_PART + part + cols, dw, mask=mask)
+                dw = tl.load(dw_part + cols, mask=keep, other=0.0) + dy * xhat
+                tl.store(dw_part + cols, dw, mask=mask)
                 if not RMS:
-                    db = tl.load(DB_PART + part + cols, mask=keep, other=0.0) + dy
-                    tl.store(DB_PART + part + cols, db, mask=mask)
+                    db = tl.load(db_part + cols, mask=keep, other=0.0) + dy
+                    tl.store(db_part + cols, db, mask=mask)
             tl.debug_barrier()
 
 
@@ -183,14 +207,15 @@ def norm_forward(x, weight, bias, eps, rms, y=None, mean=None, rstd=None, block_
     args = (x, weight, weight if bias is None else bias, y, rstd if rms else mean, rstd, x.stride(0), y.stride(0),
             n, eps)
     meta = dict(RMS=rms, HAS_BIAS=bias is not None, BLOCK_N=block, ONE_PASS=one_pass)
-    launch(_norm_fwd, TUNED[("fwd", rms)], (rows,), args, meta)
+    key = (n, block, x.dtype, weight.dtype, None if bias is None else bias.dtype, x.device)
+    launch(_norm_fwd, TUNED[("fwd", rms)], (rows,), args, meta, key)
     return y, mean, rstd
 
 
-def norm_backward(dy, x, weight, mean, rstd, rms, dx=None, partials=None, block_n=None):
+def norm_backward(dy, x, weight, mean, rstd, rms, dx=None, partials=None, block_n=None, config=None):
     """Triton backward: (dx, dweight, dbias), dweight and dbias in weight's dtype, dbias None for RMSNorm.
     `partials` may be a given (1 for RMSNorm else 2, programs, hidden) fp32 buffer, as the outputs may in
-    norm_forward."""
+    norm_forward; `config` (a triton.Config of the autotuner's list) is launched instead of the tuned one."""
     check_launchable(_norm_bwd, x)
     rows, n = x.shape
     programs, per_program = backward_programs(_norm_bwd, x, rows)
@@ -201,10 +226,17 @@ def norm_backward(dy, x, weight, mean, rstd, rms, dx=None, partials=None, block_
         zero = torch.zeros_like(weight)
         return dx, zero, None if rms else zero.clone()
     block, one_pass = row_block(n, ONE_PASS_MAX_BWD, block_n)
-    args = (x, weight, dy, dx, rstd if rms else mean, rstd, partials[0], partials[-1], x.stride(0), dy.stride(0),
-            dx.stride(0), rows, n, per_program)
-    launch(_norm_bwd, TUNED[("bwd", rms)], (programs,), args, dict(RMS=rms, BLOCK_N=block, ONE_PASS=one_pass))
-    return dx, partials[0].sum(dim=0).to(weight.dtype), None if rms else partials[1].sum(dim=0).to(weight.dtype)
+    args = (x, weight, dy, dx, rstd if rms else mean, rstd, partials, x.stride(0), dy.stride(0), dx.stride(0), rows,
+            n, per_program)
+    key = (n, block, x.dtype, dy.dtype, weight.dtype, x.device)
+    launch(_norm_bwd, TUNED[("bwd", rms)], (programs,), args, dict(RMS=rms, BLOCK_N=block, ONE_PASS=one_pass), key,
+           config)
+    # One reduction over the programs for dweight and dbias together; each is cast (or copied) on its own, so
+    # that the two do not share storage.
+    if rms:
+        return dx, partials.sum(dim=(0, 1)).to(weight.dtype), None
+    dw, db = (s.to(weight.dtype, copy=True) for s in partials.sum(dim=1).unbind())
+    return dx, dw, db
 
 
 def forward(backend, x, weight, bias, eps, rms):
@@ -217,16 +249,31 @@ def backward(backend, dy, x, weight, mean, rstd, rms):
     return (cuda_ext.norm_backward if backend == "cuda" else norm_backward)(dy, x, weight, mean, rstd, rms)
 
 
+def _traced_forward(backend, x2, weight, bias, eps, rms):
+    """forward() through the custom ops of layernorm.py / rmsnorm.py, which keep it opaque to torch.compile."""
+    if rms:
+        y, rstd = torch.ops.megaengine.rms_norm_fwd(x2, weight, eps, backend)
+        return y, None, rstd
+    return torch.ops.megaengine.layer_norm_fwd(x2, weight, bias, eps, backend)
+
+
+def _traced_backward(backend, dy2, x2, weight, mean, rstd, rms):
+    if rms:
+        dx, dw = torch.ops.megaengine.rms_norm_bwd(dy2, x2, weight, rstd, backend)
+        return dx, dw, None
+    return torch.ops.megaengine.layer_norm_bwd(dy2, x2, weight, mean, rstd, backend)
+
+
 class RowNorm(torch.autograd.Function):
-    """LayerNorm or (rms) RMSNorm over the last dim through the custom ops of layernorm.py / rmsnorm.py."""
+    """LayerNorm or (rms) RMSNorm over the last dim. While torch.compile traces, the kernels go through the
+    custom ops (opaque to it); in eager mode they are called directly, since the custom ops' dispatch (schema
+    parsing, alias checks, a dynamo guard) is host time on every call and a norm's kernels are short."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, backend, rms):
         x2 = x.reshape(-1, x.shape[-1])
-        if rms:
-            (y, rstd), mean = torch.ops.megaengine.rms_norm_fwd(x2, weight, eps, backend), None
-        else:
-            y, mean, rstd = torch.ops.megaengine.layer_norm_fwd(x2, weight, bias, eps, backend)
+        run = _traced_forward if torch.compiler.is_compiling() else forward
+        y, mean, rstd = run(backend, x2, weight, bias, eps, rms)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.backend, ctx.rms, ctx.has_bias = backend, rms, bias is not None
         return y.view(x.shape)
@@ -235,10 +282,8 @@ class RowNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape).contiguous()  # autograd may hand over an expanded (stride 0) gradient
-        if ctx.rms:
-            (dx, dw), db = torch.ops.megaengine.rms_norm_bwd(dy2, x2, weight, rstd, ctx.backend), None
-        else:
-            dx, dw, db = torch.ops.megaengine.layer_norm_bwd(dy2, x2, weight, mean, rstd, ctx.backend)
+        run = _traced_backward if torch.compiler.is_compiling() else backward
+        dx, dw, db = run(ctx.backend, dy2, x2, weight, mean, rstd, ctx.rms)
         return dx.view(dy.shape), dw, db if ctx.has_bias else None, None, None, None
 
 
