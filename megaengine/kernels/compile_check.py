@@ -30,7 +30,7 @@ import torch
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 ARCHS = (80, 90)
-FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "PARTIALS"}
+FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "PARTIALS", "DQ_ACC"}
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 # Attention kernels whose fp16/bf16 dots must run on tensor cores: wgmma on Hopper for head dims up to 128
 # (the training sizes; 256's dk/dv tiles are too narrow for it), mma.sync at least everywhere.
@@ -150,9 +150,13 @@ def _attention_jobs():
             for dtype in ("bf16", "fp32"):
                 for head_dim in (64, 128, 256):
                     args = {"Q": torch.empty(0, dtype=TORCH_DTYPE[dtype]), "HEAD_DIM": head_dim}
-                    for c in pick(arch // 10, args):
+                    # dk/dv both ways: with and without accumulating dq atomically
+                    for atomic, c in ((a, c) for a in ((False, True) if "dkdv" in name else (None,))
+                                      for c in pick(arch // 10, {**args, "ATOMIC_DQ": bool(a)})):
                         constexprs = dict(HEAD_DIM=head_dim, CAUSAL=True, UPCAST=False,
                                           PRECISION="ieee" if dtype == "fp32" else "tf32", **c.kwargs)
+                        if atomic is not None:
+                            constexprs["ATOMIC_DQ"] = atomic
                         jobs.setdefault(f"{name}-sm{arch}", []).append(
                             (name, arch, dtype, tuple(constexprs.items()), c.num_warps, c.num_stages))
     for arch in ARCHS:  # not autotuned: the launcher's fixed block

@@ -6,7 +6,8 @@ process and in a JSON file (default ~/.cache/megaengine/backends.json) and print
 torch path is taken without timing, as "auto" always did there. The timer is injected, so the selection logic
 is tested on CPU with made-up times.
 
-Attention candidates: ours (Triton), torch SDPA with the cuDNN, flash, memory-efficient and math backends.
+Attention candidates: ours (Triton; its backward with a dq kernel, or with dq accumulated atomically in the
+dk/dv kernel), torch SDPA with the cuDNN, flash, memory-efficient and math backends.
 Norm candidates: ours (Triton), ours (CUDA, csrc/), torch (F.layer_norm / F.rms_norm).
 """
 from __future__ import annotations
@@ -198,7 +199,9 @@ def attention_runners(dropout_p: float = 0.0) -> dict:
     from torch.nn.attention import SDPBackend
 
     from megaengine.kernels.attention import flash_attention
-    runners = {} if dropout_p > 0 else {"triton": lambda q, k, v: flash_attention(q, k, v, True, backend="triton")}
+    runners = {} if dropout_p > 0 else {
+        "triton": lambda q, k, v: flash_attention(q, k, v, True, backend="triton"),
+        "triton-atomic-dq": lambda q, k, v: flash_attention(q, k, v, True, backend="triton", atomic_dq=True)}
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
                           ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa-math", SDPBackend.MATH)):
         runners[name] = _sdpa(backend, dropout_p)
