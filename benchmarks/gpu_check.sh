@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run for the kernels and training speed (issue 15), in one call, in under
 # 9 minutes on one H100/H200:
-#   1. the GPU tests: tests/kernels/test_gpu.py, test_select.py and test_norms.py compiled (TRITON_INTERPRET=0)
+#   1. the GPU tests: tests/kernels/test_gpu.py, test_select.py, test_norms.py and the attention block-shape and
+#      atomic-dq tests, compiled (TRITON_INTERPRET=0)
 #   2. python benchmarks/kernels.py --quick        (attention TFLOP/s, norm GB/s and per-call cost, vs torch)
 #   3. python benchmarks/mfu.py --compile          (1.3B training: megaengine vs plain PyTorch, eager and compiled)
 # Each step has its own time limit (seconds; override with TESTS_S, KERNELS_S, MFU_S); a step that runs out is
@@ -49,7 +50,8 @@ summary() {  # pick the lines that matter out of a log
 
 echo "gpu_check: $device -> $report"
 IFS=$'\t' read -r st tt < <(run_step tests "$TESTS_S" "$work/tests.log" \
-    "$PY" -m pytest -q -x tests/kernels/test_gpu.py tests/kernels/test_select.py tests/kernels/test_norms.py)
+    "$PY" -m pytest -q -x tests/kernels/test_gpu.py tests/kernels/test_select.py tests/kernels/test_norms.py \
+    tests/kernels/test_attention.py -k "not test_matches_float64_reference or atomic")
 rows+=("| GPU tests | $st | $tt | $(summary "$work/tests.log" '(passed|failed|error)' 1) |")
 IFS=$'\t' read -r sk tk < <(run_step kernels "$KERNELS_S" "$work/kernels.log" \
     "$PY" benchmarks/kernels.py --quick --out "$work/kernels.md")
