@@ -52,8 +52,8 @@ class GPTConfig:
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     sequence_parallel: bool = False
-    attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
-    normalization_backend: str = "auto"  # auto, torch, triton, cuda
+    attention_backend: str = "auto"  # auto (timed choice on CUDA, sdpa on CPU), sdpa, torch, triton
+    normalization_backend: str = "auto"  # auto (timed choice on CUDA, torch on CPU), torch, triton, cuda
     init_seed: int = 1234
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
@@ -133,6 +133,10 @@ class Norm(nn.Module):
 
     def forward(self, x):
         w = replicated_param(self.weight, self.group, self.sequence_parallel)
+        if self.backend == "auto" and x.is_cuda:  # the fastest correct implementation, timed once per shape
+            from megaengine.kernels import select
+            b = None if self.bias is None else replicated_param(self.bias, self.group, self.sequence_parallel)
+            return select.norm(self.kind, x, w, b, self.eps)
         if self.kind == "RMSNorm":
             if self.backend in ("auto", "torch") and not x.is_cuda:
                 return rms_norm_torch(x, w, self.eps)
@@ -207,6 +211,10 @@ class Attention(nn.Module):
                 raise ValueError("--attention-backend triton has no attention dropout; set --attention-dropout 0")
             from megaengine.kernels import flash_attention
             return flash_attention(q, k, v, causal=True, backend="triton")
+        if backend == "auto" and q.is_cuda:  # the fastest correct implementation, timed once per shape
+            from megaengine.kernels import select
+            with tp_rng():
+                return select.attention(q, k, v, p)
         if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves heads/groups query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
