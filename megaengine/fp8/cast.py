@@ -16,13 +16,14 @@ runs that same emulation itself.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from megaengine.fp8.formats import FP8Format
 from megaengine.parallel import comm
 
+Shards = Sequence[tuple[Any, int]]  # (process group, the dim split over it)
 EPS = 1e-12  # amax floor (torchao's): an all-zero tensor gets a large finite scale and casts to zeros
 
 
@@ -35,13 +36,14 @@ class Quantized(NamedTuple):
         return Quantized(self.data.t(), self.scale.t() if self.scale.dim() == 2 else self.scale)
 
 
-def amax(t: torch.Tensor, dim: int | None = None, group=None, split: int | None = None) -> torch.Tensor:
-    """max |t| in fp32: over everything (dim None) or over `dim`, kept as a size-1 dim. When `t` is sharded
-    along `split` over `group` and that dim is reduced, the result is MAX-reduced over the group, so every
-    layout gets the amax of the whole tensor."""
+def amax(t: torch.Tensor, dim: int | None = None, shards: Shards = ()) -> torch.Tensor:
+    """max |t| in fp32: over everything (dim None) or over `dim`, kept as a size-1 dim. `shards` lists
+    (group, d): t is one piece of a tensor split along its dim d over that group; when d is reduced, the result
+    is MAX-reduced over the group, so every layout gets the amax of the whole tensor."""
     a = (t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)).float()
-    if split is not None and (dim is None or dim % t.dim() == split % t.dim()):
-        comm.all_reduce_max(a, group)
+    for group, d in shards:
+        if dim is None or dim % t.dim() == d % t.dim():
+            comm.all_reduce_max(a, group)
     return a
 
 
@@ -54,10 +56,10 @@ def cast_to_fp8(t: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.T
     return (t.float() * scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
 
-def quantize(t: torch.Tensor, fmt: FP8Format, dim: int | None = None, group=None, split: int | None = None,
+def quantize(t: torch.Tensor, fmt: FP8Format, dim: int | None = None, shards: Shards = (),
              margin: int = 0) -> Quantized:
     """Current scaling: the scale comes from this tensor's own amax (per tensor, or per slice along `dim`)."""
-    scale = amax_to_scale(amax(t, dim, group, split), fmt, margin)
+    scale = amax_to_scale(amax(t, dim, shards), fmt, margin)
     return Quantized(cast_to_fp8(t, scale, fmt), scale)
 
 

@@ -1,9 +1,9 @@
 """Per-layer FP8 scaling state: current scaling (tensorwise, rowwise) and delayed scaling with an amax history.
 
 A linear layer quantizes three operands, by slot: its input X, its weight W and the output gradient DY (the
-gradient in the backward format). `quantize(t, slot, dim, group, split, record)` returns the FP8 tensor and
-its scale; `dim` is the dimension the matmul contracts (rowwise scales are per slice along the other one),
-`group`/`split` say how `t` is sharded over tp (see cast.amax).
+gradient in the backward format). `quantize(t, slot, dim, shards, record)` returns the FP8 tensor and its
+scale; `dim` is the dimension the matmul contracts (rowwise scales are per slice along the other one),
+`shards` says how `t` is split over process groups (see cast.amax).
 
 Delayed scaling (Transformer Engine's recipe, per tensor) takes the scale from the amaxes of earlier steps, so
 the forward needs no amax reduction. Within one optimizer step the scale is fixed and every use (each
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megaengine.fp8.cast import Quantized, amax, amax_to_scale, cast_to_fp8, quantize
+from megaengine.fp8.cast import Quantized, Shards, amax, amax_to_scale, cast_to_fp8, quantize
 from megaengine.fp8.config import FP8Config
 from megaengine.fp8.formats import FORMATS
 from megaengine.parallel import comm
@@ -44,8 +44,8 @@ class CurrentScaling(nn.Module):
         self.config, self.formats = config, slot_formats(config)
         self.per_tensor = config.recipe == "tensorwise"
 
-    def quantize(self, t, slot: int, dim: int | None, group=None, split=None, record: bool = False) -> Quantized:
-        return quantize(t, self.formats[slot], None if self.per_tensor else dim, group, split, self.config.margin)
+    def quantize(self, t, slot: int, dim: int | None, shards: Shards = (), record: bool = False) -> Quantized:
+        return quantize(t, self.formats[slot], None if self.per_tensor else dim, shards, self.config.margin)
 
 
 class DelayedScaling(nn.Module):
@@ -67,13 +67,13 @@ class DelayedScaling(nn.Module):
             self._warm = (self.amax_history.amax(0) > 0).tolist()
         return self._warm
 
-    def quantize(self, t, slot: int, dim: int | None, group=None, split=None, record: bool = False) -> Quantized:
+    def quantize(self, t, slot: int, dim: int | None, shards: Shards = (), record: bool = False) -> Quantized:
         fmt = self.formats[slot]
         if self.warm[slot]:
             scale = self.scale[slot].clone()  # a copy: the backward must see this step's scale
             local = amax(t) if record else None
         else:
-            local = amax(t, None, group, split)
+            local = amax(t, None, shards)
             scale = amax_to_scale(local, fmt, self.config.margin)
         if record:
             self.pending[slot] = torch.maximum(self.pending[slot], local)

@@ -117,25 +117,64 @@ def test_fp8_layers_at_tp2_match_tp1(sp, fmt):
 def _scale_case(rank, world):
     """The scale of every operand, quantized from its shard, is the tp=1 scale (or its slice) bit for bit."""
     from megaengine.fp8 import FP8Config, make_scaling
-    from megaengine.fp8.linear import COLUMN, ROW
+    from megaengine.fp8.linear import operand_shards
     from megaengine.fp8.scaling import DY, W, X
     group, mismatches = dist.group.WORLD, []
     shapes = {X: (S * B, FIN), W: (FOUT, FIN), DY: (S * B, FOUT)}
     for recipe in ("tensorwise", "rowwise", "delayed"):
         scaling = make_scaling(FP8Config(format="hybrid", recipe=recipe))
-        for splits in (COLUMN, ROW):
-            for slot, split in zip((X, W, DY), splits):
+        for layout in ("column", "row", "tokens"):  # tokens: split over a context-parallel group
+            shards = operand_shards(None, None, group) if layout == "tokens" else operand_shards(layout, group)
+            for slot in (X, W, DY):
                 full = _full(shapes[slot], 30 + slot) * torch.linspace(0.5, 2.0, shapes[slot][1])
+                split = shards[slot][0][1] if shards[slot] else None
                 shard = full if split is None else full.chunk(world, split)[rank]
                 for dim in (0, 1):
-                    got = scaling.quantize(shard, slot, dim, group, split).scale
+                    got = scaling.quantize(shard, slot, dim, shards[slot]).scale
                     want = scaling.quantize(full, slot, dim).scale
                     if split is not None and want.dim() == 2 and want.shape[split] > 1:
                         want = want.chunk(world, split)[rank]
                     if not torch.equal(got, want):
-                        mismatches.append((recipe, splits, slot, dim))
+                        mismatches.append((recipe, layout, slot, dim))
     return mismatches
 
 
 def test_scales_of_shards_are_the_scales_of_the_whole():
     assert run_distributed(_scale_case, 2) == [[], []]
+
+
+def _token_case(rank, world):
+    """Tokens split over a context-parallel group: the same scales, outputs and summed weight gradients as one
+    rank holding all tokens (amaxes over tokens are MAX-reduced over the group)."""
+    from megaengine.fp8 import FP8Config, fp8_linear, make_scaling, update_amax_history
+    group, errors = dist.group.WORLD, {}
+    for recipe in RECIPES:
+        config = FP8Config(format="hybrid", recipe=recipe, amax_history_len=2, amax_compute_algo="max")
+        split, whole = make_scaling(config), make_scaling(config)
+        w_full = _full((FOUT, FIN), 1, 0.05)
+        for step in range(3):
+            x_full = _full((S * B, FIN), 10 + step, 1.0 + step) * torch.linspace(0.2, 3.0, S * B)[:, None]
+            dy_full = _full((S * B, FOUT), 20 + step, 1e-3)
+            x, w = x_full.chunk(world)[rank].clone().requires_grad_(), w_full.clone().requires_grad_()
+            y = fp8_linear(x, w, scaling=split, token_group=group)
+            y.backward(dy_full.chunk(world)[rank])
+            dist.all_reduce(w.grad)  # as data/context parallelism sums weight gradients
+            xr, wr = x_full.clone().requires_grad_(), w_full.clone().requires_grad_()
+            yr = fp8_linear(xr, wr, scaling=whole)
+            yr.backward(dy_full)
+            name = f"{recipe}/step{step}"
+            errors[f"{name} y"] = rel_error(y, yr.chunk(world)[rank])
+            errors[f"{name} dx"] = rel_error(x.grad, xr.grad.chunk(world)[rank])
+            errors[f"{name} dw"] = rel_error(w.grad, wr.grad)
+            update_amax_history([split], [group])
+            update_amax_history([whole])
+            if recipe == "delayed":
+                same = all(torch.equal(getattr(split, b), getattr(whole, b)) for b in ("amax_history", "scale"))
+                errors[f"{name} history differs"] = 0.0 if same else 1.0
+    return errors
+
+
+def test_tokens_split_over_a_context_parallel_group():
+    for rank, errors in enumerate(run_distributed(_token_case, 2)):
+        for name, err in errors.items():
+            assert err <= TOL, f"rank {rank} {name}: {err:.2e}"
