@@ -52,3 +52,10 @@ def test_refuses_to_time_on_cpu(bench, monkeypatch):
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code == 2
+
+
+def test_numerics_table_stays_within_the_rounding_bound(bench):
+    head, rows = bench.numerics_table(32, torch.device("cpu"))
+    assert len(rows) == 6 and head[3:5] == ["y rel L2", "y max/bound"]
+    for row in rows:
+        assert all(0 < float(v) <= 1 for v in row[4::2]), row  # max/bound columns
