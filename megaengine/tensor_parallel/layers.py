@@ -67,7 +67,7 @@ def make_fp8(config):
     return make_scaling(config)
 
 
-def matmul(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, parallel: str) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, parallel: str) -> torch.Tensor:
     """x W^T (+ bias) for a "column" or "row" layer: F.linear, or the FP8 linear when the layer has FP8 state
     (which then needs to know which operands are sharded over the layer's group)."""
     if layer.fp8 is None:
@@ -118,7 +118,7 @@ class ColumnParallelLinear(nn.Module):
             x = comm.all_gather_sequence(x, self.group, dim=0)
         else:
             x = comm.copy_to_tp_region(x, self.group)
-        y = matmul(x, self, self.bias, "column")
+        y = linear(x, self, self.bias, "column")
         return comm.gather_from_tp_region(y, self.group, dim=-1) if self.gather_output else y
 
 
@@ -150,10 +150,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dist.get_world_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
-            return matmul(x, self, self.bias, "row")
+            return linear(x, self, self.bias, "row")
         if not self.input_is_parallel:
             x = comm.scatter_to_tp_region(x, self.group, dim=-1)
-        y = matmul(x, self, None, "row")
+        y = linear(x, self, None, "row")
         if self.sequence_parallel:
             y = comm.reduce_scatter_sequence(y, self.group, dim=0)
         else:
