@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from megaengine.errors import ConfigError
-from megaengine.fp8 import E4M3, E5M2, FP8Config, check_fp8_run, fp8_linear, make_scaling, update_amax_history
+from megaengine.fp8 import (E4M3, E5M2, FP8Config, check_fp8_run, fp8_linear, make_scaling, set_grad_divisor,
+                            update_amax_history)
 from megaengine.fp8.scaling import DY, W, X, DelayedScaling
 
 FORMAT_OF = {"e4m3": (E4M3, E4M3), "hybrid": (E4M3, E5M2)}
@@ -203,6 +204,25 @@ def test_recomputed_forward_counts_once_and_reuses_the_scales():
             update_amax_history([state])
         results.append((y.detach(), xs.grad, ws.grad, state.amax_history.clone(), state.scale.clone()))
     for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_gradients_in_global_units_make_the_history_independent_of_dp():
+    """A rank of n data-parallel replicas sees n times the gradients of one process (each divides its loss by its
+    own share of the batch): told so by set_grad_divisor, it records the same history and casts the same FP8
+    bits (exactly, n a power of two), so a checkpoint's history fits any dp size."""
+    x, w, dy = _data(5)
+    runs = []
+    for n in (1, 4):
+        module = torch.nn.Module()
+        module.fp8 = make_scaling(FP8Config(recipe="delayed", amax_history_len=2, amax_compute_algo="max"))
+        set_grad_divisor([module], n)
+        for step in range(3):
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            fp8_linear(xs, ws, scaling=module.fp8).backward(dy * n * (1 + step))
+            update_amax_history([module])
+        runs.append((xs.grad / n, ws.grad / n, module.fp8.amax_history.clone(), module.fp8.scale.clone()))
+    for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 

@@ -14,8 +14,13 @@ every layout agrees), then each history shifts in the new row and the scale is r
 (`amax_compute_algo` max: the largest in the window; most_recent: the new row), keeping the old scale where
 the amax is zero or not finite, as TE does. Before a slot has any history (the first step, or a fresh model)
 it is scaled like tensorwise current scaling rather than with TE's initial scale of 1, which would flush small
-gradients to zero in e5m2. After the reduction the history is the same on every tp/dp rank, so a checkpoint
-keeps one copy and resharding it is a copy.
+gradients to zero in e5m2. After the reduction the history is the same on every tp/dp rank.
+
+Gradients are kept in one unit at every layout: each of the n data-parallel replicas (dp x cp) divides its
+loss by its own share of the batch and the optimizer averages, so the gradients a rank sees are n times those
+of the global batch's mean loss. `set_grad_divisor(modules, n)` says so; gradient amaxes then enter the history
+divided by n, and the scale used is the kept one divided by n. Histories and scales are thus the same at
+every dp size, and a checkpoint keeps one copy that reshards as a copy.
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ class DelayedScaling(nn.Module):
         self.register_buffer("pending", torch.zeros(len(SLOTS)), persistent=False)
         self.register_buffer("fp8_max", torch.tensor([f.max for f in self.formats]), persistent=False)
         self._warm: list[bool] | None = None  # per slot: has a history (None: read it off the buffer)
+        self.units = (1.0, 1.0, 1.0)  # per slot: local values per unit of the history (set_grad_divisor)
 
     @property
     def warm(self) -> list[bool]:
@@ -68,15 +74,15 @@ class DelayedScaling(nn.Module):
         return self._warm
 
     def quantize(self, t, slot: int, dim: int | None, shards: Shards = (), record: bool = False) -> Quantized:
-        fmt = self.formats[slot]
+        fmt, unit = self.formats[slot], self.units[slot]
         if self.warm[slot]:
-            scale = self.scale[slot].clone()  # a copy: the backward must see this step's scale
+            scale = self.scale[slot] / unit  # a new tensor: the backward must see this step's scale
             local = amax(t) if record else None
         else:
             local = amax(t, None, shards)
             scale = amax_to_scale(local, fmt, self.config.margin)
         if record:
-            self.pending[slot] = torch.maximum(self.pending[slot], local)
+            self.pending[slot] = torch.maximum(self.pending[slot], local / unit)
         return Quantized(cast_to_fp8(t, scale, fmt), scale)
 
     def push(self, new_amax: torch.Tensor) -> None:
@@ -112,11 +118,23 @@ def make_scaling(config: FP8Config) -> nn.Module:
     return DelayedScaling(config) if config.recipe == "delayed" else CurrentScaling(config)
 
 
+def set_grad_divisor(modules, n: float) -> None:
+    """The gradients reaching these modules' FP8 layers are `n` times those of the global batch's mean loss (n:
+    the data-parallel replicas, dp x cp, each dividing its loss by its own share). Call once, after building
+    the model and before its first step (also before a checkpoint's first step)."""
+    for m in _delayed(modules):
+        m.units = (1.0, 1.0, float(n))
+
+
+def _delayed(modules) -> list:
+    return [m for module in modules for m in module.modules() if isinstance(m, DelayedScaling)]
+
+
 def update_amax_history(modules, groups=()) -> None:
     """Once per optimizer step, after the last backward: reduce every DelayedScaling's pending amaxes (one MAX
     all-reduce per group, all layers at once) and advance the histories. `modules`: the model chunks of this
     rank (every rank of a group must hold the same layers in the same order, as tp/dp/cp peers do)."""
-    states = [m for module in modules for m in module.modules() if isinstance(m, DelayedScaling)]
+    states = _delayed(modules)
     if not states:
         return
     pending = torch.stack([s.pending for s in states])

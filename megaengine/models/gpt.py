@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megaengine.fp8.config import FP8Config
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
@@ -51,6 +52,7 @@ class GPTConfig:
     attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
     normalization_backend: str = "auto"  # auto, torch, triton, cuda
     init_seed: int = 1234
+    fp8: FP8Config | None = None  # FP8 matmuls in the transformer layers' linears (megaengine.fp8); None: off
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
     def __post_init__(self):  # fill the derived defaults once; the config is frozen after this
@@ -65,7 +67,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if isinstance(d.get("fp8"), dict):  # to_dict (asdict) writes the nested config as a dict
+            d["fp8"] = FP8Config(**d["fp8"])
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,9 +181,10 @@ class Attention(nn.Module):
         # The fused projection holds [q; k; v] in the output dim; each part is split over tp separately.
         self.qkv = ColumnParallelLinear(
             config.hidden_size, (heads + 2 * groups) * d, bias=bias, sequence_parallel=sp, group=group,
-            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std))
+            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std),
+            fp8=config.fp8)
         self.proj = RowParallelLinear(heads * d, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std))
+                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std), fp8=config.fp8)
 
     def forward(self, x, rope=None):
         qkv = self.qkv(x)  # (s, b, local q+k+v)
@@ -225,9 +231,10 @@ class MLP(nn.Module):
         # SwiGLU stacks [gate; up] in one projection, each half split over tp separately.
         self.fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias, sequence_parallel=sp, group=group,
-            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std))
+            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std),
+            fp8=config.fp8)
         self.fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std))
+                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std), fp8=config.fp8)
 
     def forward(self, x):
         h = self.fc1(x)
