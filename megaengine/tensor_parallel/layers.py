@@ -63,13 +63,16 @@ def make_fp8(config):
     return make_scaling(config)
 
 
-def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, parallel: str) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, parallel: str,
+           token_group=None) -> torch.Tensor:
     """x W^T (+ bias) for a "column" or "row" layer: F.linear, or the FP8 linear when the layer has FP8 state
-    (which then needs to know which operands are sharded over the layer's group)."""
+    (which then needs to know which operands are sharded over the layer's group, and the group x's tokens are
+    split over, if any: context parallelism)."""
     if layer.fp8 is None:
         return F.linear(x, layer.weight, bias)
     from megaengine.fp8.linear import fp8_linear
-    return fp8_linear(x, layer.weight, bias, scaling=layer.fp8, group=layer.group, parallel=parallel)
+    return fp8_linear(x, layer.weight, bias, scaling=layer.fp8, group=layer.group, parallel=parallel,
+                      token_group=token_group)
 
 
 def _create(shape, init_method: InitMethod, dtype, device) -> torch.Tensor:
@@ -109,12 +112,13 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
         self.fp8 = make_fp8(fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_group=None) -> torch.Tensor:
+        """`token_group`: the group x's tokens are split over (context parallel), for FP8's amaxes over tokens."""
         if self.sequence_parallel:
             x = comm.all_gather_sequence(x, self.group, dim=0)
         else:
             x = comm.copy_to_tp_region(x, self.group)
-        y = linear(x, self, self.bias, "column")
+        y = linear(x, self, self.bias, "column", token_group)
         return comm.gather_from_tp_region(y, self.group, dim=-1) if self.gather_output else y
 
 
@@ -144,12 +148,13 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
         self.fp8 = make_fp8(fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_group=None) -> torch.Tensor:
+        """`token_group`: as for ColumnParallelLinear."""
         if dist.get_world_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
-            return linear(x, self, self.bias, "row")
+            return linear(x, self, self.bias, "row", token_group)
         if not self.input_is_parallel:
             x = comm.scatter_to_tp_region(x, self.group, dim=-1)
-        y = linear(x, self, None, "row")
+        y = linear(x, self, None, "row", token_group)
         if self.sequence_parallel:
             y = comm.reduce_scatter_sequence(y, self.group, dim=0)
         else:

@@ -9,11 +9,12 @@ at every layout. Even in fp32 another layout's summation order flips an FP8 roun
 tiny model one flipped element is visible. Bounds, relative, against one process: loss <= 1e-4 and grad norm
 <= 1e-3 at every iteration; the delayed-scaling state after the run (amax histories and scales, read from the
 final checkpoint), per slot: input 5e-2, weight 1e-3, output gradient 1e-1.
-Measured, worst layout: loss 6.7e-6, grad norm 2.3e-4 (tensorwise tp2; delayed tp2 1.7e-5; dp and pp layouts
-<= 6.1e-7); state 7.2e-3 / 9.8e-5 / 2.3e-2 (tp2; dp and pp layouts <= 4.4e-7).
+Measured, worst layout: loss 6.7e-6, grad norm 2.3e-4 (tensorwise tp2; delayed tp2 1.7e-5; cp2 <= 5.2e-5; dp
+and pp layouts <= 6.1e-7); state 7.5e-3 / 9.8e-5 / 2.3e-2 (tp2, cp2; dp and pp layouts <= 4.4e-7).
 Broken on purpose, each fails: scales of tp shards not MAX-reduced in the layers (grad norm 1.9e-3 to 4.5e-3);
-histories not reduced over tp (state: weight 0.19) or over dp (gradient 0.62, weight 2.8e-2); gradient
-amaxes kept in each layout's own units (gradient slot 2x); histories not restored on resume (0.81).
+amaxes over tokens not MAX-reduced over cp (2.5e-3 to 6.4e-3); histories not reduced over tp (state: weight
+0.19) or over dp (gradient 0.62, weight 2.8e-2); gradient amaxes kept in each layout's own units (gradient slot
+2x); histories not restored on resume (0.81).
 """
 import json
 
@@ -69,9 +70,12 @@ LAYOUTS = {
     "dp2-zero1": (2, {"use-distributed-optimizer": True}),
     "pp2-zb-h1": (2, {"pp": 2, "pipeline-schedule": "zb-h1"}),
     "dp2-zero3": (2, {"zero-config": 3}),
+    "cp2": (2, {"cp": 2}),
 }
-# Current scaling has no state to reduce over dp or pp: tp is the layout that matters.
-CASES = [("delayed", layout) for layout in LAYOUTS] + [("tensorwise", "tp2"), ("rowwise", "tp2")]
+# Current scaling has no state to reduce over dp or pp: the layouts that split its operands (tp: weights and
+# activations; cp: tokens) are the ones that matter.
+CASES = [("delayed", layout) for layout in LAYOUTS] + [(r, layout) for r in ("tensorwise", "rowwise")
+                                                       for layout in ("tp2", "cp2")]
 
 
 @pytest.fixture(scope="module")
