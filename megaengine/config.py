@@ -382,7 +382,7 @@ def _model(values: dict, data: DataConfig, parallel: ParallelConfig, fp8: FP8Con
         init_seed=values["seed"], fp8=fp8)
     config.validate(parallel.tp)
     if fp8 is not None and _device(values).type == "cuda":
-        _check_fp8_shapes(config, parallel.tp, values["micro_batch_size"])
+        _check_fp8_shapes(config, parallel, values["micro_batch_size"])
     return config
 
 
@@ -410,12 +410,13 @@ def _device(values: dict) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
 
 
-def _check_fp8_shapes(m: GPTConfig, tp: int, micro_batch: int) -> None:
+def _check_fp8_shapes(m: GPTConfig, parallel: ParallelConfig, micro_batch: int) -> None:
     """torch._scaled_mm on CUDA needs each FP8 matmul's sizes (tokens, inputs, outputs per rank) to be multiples
     of 16; say which flag breaks it rather than fail inside the first step."""
-    d = m.kv_channels
+    d, tp = m.kv_channels, parallel.tp
     sizes = [("--hidden-size", m.hidden_size),
-             ("--seq-length x --micro-batch-size (tokens per micro-batch)", m.seq_length * micro_batch),
+             ("--seq-length / cp x --micro-batch-size (tokens per micro-batch and rank)",
+              m.seq_length // parallel.cp * micro_batch),
              ("--num-attention-heads x --kv-channels / tp", m.num_attention_heads * d // tp),
              ("(--num-attention-heads + 2 x --num-query-groups) x --kv-channels / tp",
               (m.num_attention_heads + 2 * m.num_query_groups) * d // tp),

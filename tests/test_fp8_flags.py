@@ -67,8 +67,10 @@ def test_shapes_fp8_matmuls_cannot_take_on_cuda_are_refused(monkeypatch):
     assert resolve(TINY + fp8).model.fp8 is not None  # hidden 128, ffn 512, 4 heads of 32, 2 x 128 tokens
     with pytest.raises(ConfigError, match=r"--hidden-size = 120 is not a multiple of 16"):
         resolve(TINY + fp8 + ["--hidden-size", "120", "--num-attention-heads", "4"])
-    with pytest.raises(ConfigError, match=r"tokens per micro-batch\) = 100"):
+    with pytest.raises(ConfigError, match=r"tokens per micro-batch and rank\) = 100"):
         resolve(TINY + fp8 + ["--seq-length", "50"])
+    with pytest.raises(ConfigError, match=r"tokens per micro-batch and rank\) = 8"):
+        resolve(TINY + fp8 + ["--seq-length", "32", "--cp", "4", "--micro-batch-size", "1"], world_size=4)
     with pytest.raises(ConfigError, match=r"--ffn-hidden-size / tp = 24"):
         resolve(TINY + fp8 + ["--ffn-hidden-size", "48", "--tp", "2"], world_size=2)
 
