@@ -21,6 +21,7 @@ from torch import nn
 
 from megaengine.context_parallel import (ContextParallel, check_context_parallel, context_parallel_attention,
                                          position_ids)
+from megaengine.fp8.config import FP8Config
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
@@ -55,6 +56,7 @@ class GPTConfig:
     attention_backend: str = "auto"  # auto (timed choice on CUDA, sdpa on CPU), sdpa, torch, triton
     normalization_backend: str = "auto"  # auto (timed choice on CUDA, torch on CPU), torch, triton, cuda
     init_seed: int = 1234
+    fp8: FP8Config | None = None  # FP8 matmuls in the transformer layers' linears (megaengine.fp8); None: off
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
     def __post_init__(self):  # fill the derived defaults once; the config is frozen after this
@@ -69,7 +71,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if isinstance(d.get("fp8"), dict):  # to_dict (asdict) writes the nested config as a dict
+            d["fp8"] = FP8Config(**d["fp8"])
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,12 +189,14 @@ class Attention(nn.Module):
         # The fused projection holds [q; k; v] in the output dim; each part is split over tp separately.
         self.qkv = ColumnParallelLinear(
             config.hidden_size, (heads + 2 * groups) * d, bias=bias, sequence_parallel=sp, group=group,
-            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std))
+            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std),
+            fp8=config.fp8)
         self.proj = RowParallelLinear(heads * d, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std))
+                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std), fp8=config.fp8)
 
     def forward(self, x, rope=None, cp=None):
-        qkv = self.qkv(x)  # (s, b, local q+k+v)
+        tokens = None if cp is None else cp.group  # FP8 scales are those of the whole sequence
+        qkv = self.qkv(x, tokens)  # (s, b, local q+k+v)
         s, b = qkv.shape[:2]
         d, hq, hk = self.head_dim, self.heads_local, self.groups_local
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
@@ -198,7 +205,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = self.core_attention(q, k, v, cp)  # (b, hq, s, d)
         out = out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
-        return self.proj(out)
+        return self.proj(out, tokens)
 
     def core_attention(self, q, k, v, cp=None):
         backend = self.config.attention_backend
@@ -240,18 +247,20 @@ class MLP(nn.Module):
         # SwiGLU stacks [gate; up] in one projection, each half split over tp separately.
         self.fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias, sequence_parallel=sp, group=group,
-            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std))
+            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std),
+            fp8=config.fp8)
         self.fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std))
+                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std), fp8=config.fp8)
 
-    def forward(self, x):
-        h = self.fc1(x)
+    def forward(self, x, cp=None):
+        tokens = None if cp is None else cp.group  # FP8 scales are those of the whole sequence
+        h = self.fc1(x, tokens)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.fc2(h)
+        return self.fc2(h, tokens)
 
 
 class TransformerLayer(nn.Module):
@@ -266,7 +275,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x, rope=None, cp=None):
         x = x + self._dropout(self.attention(self.input_norm(x), rope, cp))
-        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+        return x + self._dropout(self.mlp(self.post_attention_norm(x), cp))
 
     def _dropout(self, x):
         p = self.config.hidden_dropout if self.training else 0.0
