@@ -5,6 +5,9 @@
 #      atomic-dq tests, compiled (TRITON_INTERPRET=0)
 #   2. python benchmarks/kernels.py --quick        (attention TFLOP/s, norm GB/s and per-call cost, vs torch)
 #   3. python benchmarks/mfu.py --compile          (1.3B training: megaengine vs plain PyTorch, eager and compiled)
+#   4. python benchmarks/fp8.py --skip-end-to-end  (FP8 against bf16 per layer at the 1.3B and 7B shapes, each
+#      recipe; on Hopper/Ada only). The 200-iteration end-to-end FP8 run takes ~10 minutes on its own:
+#      bash benchmarks/gpu_fp8.sh
 # Each step has its own time limit (seconds; override with TESTS_S, KERNELS_S, MFU_S); a step that runs out is
 # reported as such and the next one still runs. Writes benchmarks/results/gpu-<device>-<UTC date>.md with every
 # step's output, and prints a short table last.
@@ -13,9 +16,10 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-TESTS_S=${TESTS_S:-120}
-KERNELS_S=${KERNELS_S:-210}
-MFU_S=${MFU_S:-180}
+TESTS_S=${TESTS_S:-110}
+KERNELS_S=${KERNELS_S:-190}
+MFU_S=${MFU_S:-170}
+FP8_S=${FP8_S:-60}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0
 
@@ -59,6 +63,9 @@ rows+=("| kernels.py --quick | $sk | $tk | $(summary "$work/kernels.log" '^- ' 4
 IFS=$'\t' read -r sm tm < <(run_step mfu "$MFU_S" "$work/mfu.log" \
     "$PY" benchmarks/mfu.py --compile --iters 8 --warmup 3 --out "$work/mfu.md")
 rows+=("| mfu.py --compile | $sm | $tm | $(summary "$work/mfu.log" '(best megaengine run|plain\+compile:)' 2) |")
+IFS=$'\t' read -r sf tf < <(run_step fp8 "$FP8_S" "$work/fp8.log" \
+    "$PY" benchmarks/fp8.py --skip-end-to-end --out "$work/fp8.md")
+rows+=("| fp8.py --skip-end-to-end | $sf | $tf | $(summary "$work/fp8.log" '(target|x bf16)' 2) |")
 
 {
     echo "# GPU check on $device"
@@ -68,7 +75,7 @@ rows+=("| mfu.py --compile | $sm | $tm | $(summary "$work/mfu.log" '(best megaen
     echo "| step | status | seconds | result |"
     echo "|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
-    for part in tests kernels mfu; do
+    for part in tests kernels mfu fp8; do
         echo
         echo "## $part"
         echo
