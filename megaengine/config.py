@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from megaengine.checkpoint import latest_tag
+from megaengine.context_parallel.validate import check_context_parallel
 from megaengine.data import Tokenizer
 from megaengine.data.dataset import parse_data_path
 from megaengine.data.indexed import check_prefix
 from megaengine.errors import ConfigError
+from megaengine.fp8.config import FP8Config, check_fp8_run
 from megaengine.models.gpt import GPTConfig
 from megaengine.models.recompute import RecomputeConfig
 from megaengine.parallel.mesh import check_layout
@@ -31,6 +33,7 @@ from megaengine.zero.config import FP16Config, OptimConfig, ZeroConfig, load_con
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
             "global_batch_size", "train_iters", "lr")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_FORMATS = {"e4m3": "e4m3 forward and backward", "hybrid": "e4m3 forward, e5m2 gradients"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank
     schedule: str = "1f1b"  # the pipeline schedule (pipeline.schedules), used when pp > 1
     sequence_parallel: bool = False
+    cp: int = 1  # context parallel: ranks sharing each sequence
+    cp_comm_type: str = "p2p"  # "p2p" (ring attention) or "a2a" (all-to-all, Ulysses)
     backend: str | None = None  # None: nccl with CUDA, else gloo
     timeout_minutes: float = 10.0
 
@@ -123,8 +128,11 @@ class Config:
         lines = [
             "megaengine configuration ([flag], [preset] or [json]: where a value came from; unmarked: default)",
             f"  layout     tp {v('tensor_model_parallel_size', p.tp)} x pp {v('pipeline_model_parallel_size', p.pp)}"
-            f" x dp {p.dp}" + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
-                                else "") + (" | sequence parallel" if p.sequence_parallel else ""),
+            + (f" x cp {v('context_parallel_size', p.cp)}" if p.cp > 1 else "")
+            + f" x dp {p.dp}" + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
+                                else "") + (" | sequence parallel" if p.sequence_parallel else "")
+            + (f" | context parallel {v('cp_comm_type', p.cp_comm_type)}, {m.seq_length // p.cp} tokens per rank, "
+               f"attention dropout {m.attention_dropout}" if p.cp > 1 else ""),
             f"  model      {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
             f"({m.num_query_groups} kv), ffn {m.ffn_hidden_size}, seq {m.seq_length}, vocab {m.vocab_size}, "
             f"{m.position_embedding_type}, {m.normalization}{', SwiGLU' if m.swiglu else ''}"
@@ -140,6 +148,13 @@ class Config:
             f"  schedule   {sched}",
             f"  precision  {v(t.precision, t.precision) if t.precision != 'fp32' else 'fp32'}, seed {v('seed', t.seed)}",
         ]
+        if m.fp8 is not None:
+            f = m.fp8
+            history = (f", amax history {v('fp8_amax_history_len', f.amax_history_len)} steps, "
+                       f"{v('fp8_amax_compute_algo', f.amax_compute_algo)}" if f.recipe == "delayed" else "")
+            lines.append(f"  fp8        {v('fp8_format', f.format)} ({FP8_FORMATS[f.format]}) in the transformer layers' "
+                         f"linears, {v('fp8_recipe', f.recipe)} scaling{history}"
+                         + (f", margin {v('fp8_margin', f.margin)}" if f.margin else ""))
         if self.zero_config:
             lines.append(f"  DeepSpeed  {self.zero_config}: keys it leaves out took the flags' values")
         return "\n".join(lines)
@@ -160,14 +175,19 @@ def resolve_flags(values: dict, origin: dict, world_size: int = 1) -> Config:
     _check_data_files(values)
     _require(values, [k for k in REQUIRED if not (values["zero_config"] and k in _SHARED)])
     tp, pp = values["tensor_model_parallel_size"], values["pipeline_model_parallel_size"]
-    dp = check_layout(world_size, tp, pp, None)
+    dp = check_layout(world_size, tp, pp, None, values["context_parallel_size"])
     ds = _merge_deepspeed(values, origin, dp) if values["zero_config"] else None
     _require(values, REQUIRED)
     parallel = _parallel(values, dp)
     train = _training(values, dp)
     optim = _optim(values, ds)
     data = _data(values, origin)
-    model = _model(values, data, parallel)
+    _context_parallel_defaults(values, origin, parallel)
+    model = _model(values, data, parallel, _fp8(values, origin))
+    check_context_parallel(parallel.cp, parallel.cp_comm_type, seq_length=model.seq_length, tp=parallel.tp,
+                           sequence_parallel=model.sequence_parallel, num_attention_heads=model.num_attention_heads,
+                           num_query_groups=model.num_query_groups, attention_dropout=model.attention_dropout,
+                           attention_backend=model.attention_backend)
     checkpoint = _checkpoint(values)
     logging = LoggingConfig(
         log_interval=values["log_interval"], eval_interval=values["eval_interval"], eval_iters=values["eval_iters"],
@@ -275,7 +295,15 @@ def _parallel(values: dict, dp: int) -> ParallelConfig:
         schedules.build(schedule, pp, glob // (micro * dp), v)
     return ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=v, schedule=schedule,
                           sequence_parallel=values["sequence_parallel"] and tp > 1,
+                          cp=values["context_parallel_size"], cp_comm_type=values["cp_comm_type"],
                           backend=values["distributed_backend"], timeout_minutes=values["distributed_timeout_minutes"])
+
+
+def _context_parallel_defaults(values: dict, origin: dict, parallel: ParallelConfig) -> None:
+    """Context-parallel attention has no dropout: with --cp > 1 the default attention dropout (0.1) becomes 0; a
+    value the user chose is checked (and refused) by check_context_parallel."""
+    if parallel.cp > 1 and origin["attention_dropout"] == "default":
+        values["attention_dropout"] = 0.0
 
 
 def _training(values: dict, dp: int) -> TrainingConfig:
@@ -338,7 +366,7 @@ def tokenizer_vocab_size(data: DataConfig) -> int:
     return data.vocab_size
 
 
-def _model(values: dict, data: DataConfig, parallel: ParallelConfig) -> GPTConfig:
+def _model(values: dict, data: DataConfig, parallel: ParallelConfig, fp8: FP8Config | None) -> GPTConfig:
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= values[name] < 1.0:
             raise ConfigError(f"{flag_name(name)}={values[name]} must be in [0, 1).")
@@ -356,8 +384,10 @@ def _model(values: dict, data: DataConfig, parallel: ParallelConfig) -> GPTConfi
         make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
         init_method_std=values["init_method_std"], sequence_parallel=parallel.sequence_parallel,
         attention_backend=values["attention_backend"], normalization_backend=values["normalization_backend"],
-        init_seed=values["seed"], recompute=_recompute(values))
+        init_seed=values["seed"], fp8=fp8, recompute=_recompute(values))
     config.validate(parallel.tp)
+    if fp8 is not None and _device(values).type == "cuda":
+        _check_fp8_shapes(config, parallel, values["micro_batch_size"])
     return config
 
 
@@ -369,6 +399,47 @@ def _recompute(values: dict) -> RecomputeConfig:
                           f"--recompute-granularity is {granularity}; drop one of them.")
     return RecomputeConfig(granularity=granularity or ("selective" if values["recompute_activations"] else None),
                            method=values["recompute_method"], num_layers=values["recompute_num_layers"])
+
+
+_FP8_SETTINGS = ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin")
+
+
+def _fp8(values: dict, origin: dict) -> FP8Config | None:
+    """--fp8-format turns FP8 on; it needs --bf16, refuses --fp16 and a GPU without FP8 tensor cores."""
+    if values["fp8_format"] is None:
+        stray = [d for d in _FP8_SETTINGS if origin[d] != "default"]
+        if stray:
+            raise ConfigError(f"{flag_name(stray[0])}={values[stray[0]]} ({origin[stray[0]]}) sets FP8 scaling but FP8 "
+                              "is off; add --fp8-format hybrid (or e4m3) to train in FP8, or drop it.")
+        return None
+    config = FP8Config(format=values["fp8_format"], recipe=values["fp8_recipe"],
+                       amax_history_len=values["fp8_amax_history_len"],
+                       amax_compute_algo=values["fp8_amax_compute_algo"], margin=values["fp8_margin"])
+    check_fp8_run(config, bf16=values["bf16"], fp16=values["fp16"], device=_device(values))
+    return config
+
+
+def _device(values: dict) -> torch.device:
+    """The device this rank will train on (parallel.initialize picks it the same way: cuda:LOCAL_RANK with nccl)."""
+    backend = values["distributed_backend"] or ("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+
+
+def _check_fp8_shapes(m: GPTConfig, parallel: ParallelConfig, micro_batch: int) -> None:
+    """torch._scaled_mm on CUDA needs each FP8 matmul's sizes (tokens, inputs, outputs per rank) to be multiples
+    of 16; say which flag breaks it rather than fail inside the first step."""
+    d, tp = m.kv_channels, parallel.tp
+    sizes = [("--hidden-size", m.hidden_size),
+             ("--seq-length / cp x --micro-batch-size (tokens per micro-batch and rank)",
+              m.seq_length // parallel.cp * micro_batch),
+             ("--num-attention-heads x --kv-channels / tp", m.num_attention_heads * d // tp),
+             ("(--num-attention-heads + 2 x --num-query-groups) x --kv-channels / tp",
+              (m.num_attention_heads + 2 * m.num_query_groups) * d // tp),
+             ("--ffn-hidden-size / tp", m.ffn_hidden_size // tp)]
+    for what, n in sizes:
+        if n % 16:
+            raise ConfigError(f"--fp8-format {m.fp8.format} on CUDA: {what} = {n} is not a multiple of 16, which FP8 "
+                              "matmuls (torch._scaled_mm) need; choose sizes that are, or drop --fp8-format.")
 
 
 def _checkpoint(values: dict) -> CheckpointConfig:

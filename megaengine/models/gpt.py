@@ -3,8 +3,10 @@
 A `GPT` holds one contiguous range of transformer layers, with the embedding when it is the first pipeline
 stage and the final norm and output layer when it is the last, so a pipeline stage is just a GPT built with
 `layers=(start, end)`. Activations are (seq, batch, hidden) between layers, sequence-sharded over tp when
-sequence parallel. Every weight comes from generators seeded by its name and row block
-(megaengine.models.init), and each rank draws only its shard: the same model comes out at any tp or pp.
+sequence parallel. With a context-parallel group a rank holds its share of every sequence (context_parallel.
+layout): positions follow that share and attention runs over the whole sequence across the group. Every
+weight comes from generators seeded by its name and row block (megaengine.models.init), and each rank draws
+only its shard: the same model comes out at any tp, pp or cp.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megaengine.context_parallel import (ContextParallel, check_context_parallel, context_parallel_attention,
+                                         position_ids)
+from megaengine.fp8.config import FP8Config
 from megaengine.models import recompute
 from megaengine.models.init import seeded_init
 from megaengine.models.recompute import RecomputeConfig
@@ -51,9 +56,10 @@ class GPTConfig:
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     sequence_parallel: bool = False
-    attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
-    normalization_backend: str = "auto"  # auto, torch, triton, cuda
+    attention_backend: str = "auto"  # auto (timed choice on CUDA, sdpa on CPU), sdpa, torch, triton
+    normalization_backend: str = "auto"  # auto (timed choice on CUDA, torch on CPU), torch, triton, cuda
     init_seed: int = 1234
+    fp8: FP8Config | None = None  # FP8 matmuls in the transformer layers' linears (megaengine.fp8); None: off
     recompute: RecomputeConfig = RecomputeConfig()  # activation recomputation (models/recompute.py); default off
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
@@ -71,7 +77,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if isinstance(d.get("fp8"), dict):  # to_dict (asdict) writes the nested config as a dict
+            d["fp8"] = FP8Config(**d["fp8"])
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +134,10 @@ class Norm(nn.Module):
 
     def forward(self, x):
         w = replicated_param(self.weight, self.group, self.sequence_parallel)
+        if self.backend == "auto" and x.is_cuda:  # the fastest correct implementation, timed once per shape
+            from megaengine.kernels import select
+            b = None if self.bias is None else replicated_param(self.bias, self.group, self.sequence_parallel)
+            return select.norm(self.kind, x, w, b, self.eps)
         if self.kind == "RMSNorm":
             if self.backend in ("auto", "torch") and not x.is_cuda:
                 return rms_norm_torch(x, w, self.eps)
@@ -172,12 +185,14 @@ class Attention(nn.Module):
         # The fused projection holds [q; k; v] in the output dim; each part is split over tp separately.
         self.qkv = ColumnParallelLinear(
             config.hidden_size, (heads + 2 * groups) * d, bias=bias, sequence_parallel=sp, group=group,
-            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std))
+            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std),
+            fp8=config.fp8)
         self.proj = RowParallelLinear(heads * d, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std))
+                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std), fp8=config.fp8)
 
-    def forward(self, x, rope=None):
-        qkv = self.qkv(x)  # (s, b, local q+k+v)
+    def forward(self, x, rope=None, cp=None):
+        tokens = None if cp is None else cp.group  # FP8 scales are those of the whole sequence
+        qkv = self.qkv(x, tokens)  # (s, b, local q+k+v)
         s, b = qkv.shape[:2]
         d, hq, hk = self.head_dim, self.heads_local, self.groups_local
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
@@ -185,18 +200,25 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         selective = self.config.recompute.selective and self.training
-        out = recompute.checkpoint_if(selective, self.core_attention, q, k, v)  # (b, hq, s, d)
+        out = recompute.checkpoint_if(selective, self.core_attention, q, k, v, cp)  # (b, hq, s, d)
         out = out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
-        return self.proj(out)
+        return self.proj(out, tokens)
 
-    def core_attention(self, q, k, v):
+    def core_attention(self, q, k, v, cp=None):
         backend = self.config.attention_backend
+        if cp is not None:  # GQA is handled inside; no attention dropout (checked up front)
+            return context_parallel_attention(q, k, v, cp.group, causal=True, comm_type=cp.comm_type,
+                                              backend=None if backend == "auto" else backend)
         p = self.config.attention_dropout if self.training else 0.0
         if backend == "triton":
             if p > 0.0:
                 raise ValueError("--attention-backend triton has no attention dropout; set --attention-dropout 0")
             from megaengine.kernels import flash_attention
             return flash_attention(q, k, v, causal=True, backend="triton")
+        if backend == "auto" and q.is_cuda:  # the fastest correct implementation, timed once per shape
+            from megaengine.kernels import select
+            with tp_rng():
+                return select.attention(q, k, v, p)
         if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves heads/groups query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -222,18 +244,20 @@ class MLP(nn.Module):
         # SwiGLU stacks [gate; up] in one projection, each half split over tp separately.
         self.fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias, sequence_parallel=sp, group=group,
-            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std))
+            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std),
+            fp8=config.fp8)
         self.fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std))
+                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std), fp8=config.fp8)
 
-    def forward(self, x):
-        h = self.fc1(x)
+    def forward(self, x, cp=None):
+        tokens = None if cp is None else cp.group  # FP8 scales are those of the whole sequence
+        h = self.fc1(x, tokens)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.fc2(h)
+        return self.fc2(h, tokens)
 
 
 class TransformerLayer(nn.Module):
@@ -246,9 +270,9 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = Norm(config, config.hidden_size, group)
         self.mlp = MLP(config, f"{name}.mlp", group)
 
-    def forward(self, x, rope=None):
-        x = x + self._dropout(self.attention(self.input_norm(x), rope))
-        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+    def forward(self, x, rope=None, cp=None):
+        x = x + self._dropout(self.attention(self.input_norm(x), rope, cp))
+        return x + self._dropout(self.mlp(self.post_attention_norm(x), cp))
 
     def _dropout(self, x):
         p = self.config.hidden_dropout if self.training else 0.0
@@ -266,15 +290,24 @@ class GPT(nn.Module):
     forward(x, labels=None): x is token ids (batch, seq) on the first stage, else the (seq, batch, hidden)
     activation from the previous stage. On the last stage it returns the per-token loss (batch, seq) when
     labels are given, else vocab-sharded logits (seq, batch, vocab/tp); elsewhere the activation.
+
+    `cp_group` (context parallel): x and labels are this rank's share of each sequence (context_parallel.
+    split_for_rank), and so is the loss; `cp_comm_type` "p2p" (ring) or "a2a" (all-to-all) moves K/V.
     """
 
-    def __init__(self, config: GPTConfig, tp_group=None, *, layers: tuple[int, int] | None = None,
-                 pre_process: bool = True, post_process: bool = True):
+    def __init__(self, config: GPTConfig, tp_group=None, *, cp_group=None, cp_comm_type: str = "p2p",
+                 layers: tuple[int, int] | None = None, pre_process: bool = True, post_process: bool = True):
         super().__init__()
         group = resolve_group(tp_group)
         self.config, self.tp_group = config, group
         self.tp_size = dist.get_world_size(group)
         config.validate(self.tp_size)
+        cp = 1 if cp_group is None else dist.get_world_size(cp_group)
+        check_context_parallel(cp, cp_comm_type, seq_length=config.seq_length, tp=self.tp_size,
+                               sequence_parallel=config.sequence_parallel,
+                               num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+                               attention_dropout=config.attention_dropout, attention_backend=config.attention_backend)
+        self.cp = ContextParallel(cp_group, cp_comm_type) if cp > 1 else None
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layers or (0, config.num_layers)
         self.layer_range = (start, end)
@@ -348,12 +381,11 @@ class GPT(nn.Module):
             return self.output_layer.weight
         return self.word_embeddings.weight if self.pre_process else self.output_weight
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         ids = ids.t()  # (seq, batch)
         x = self.word_embeddings(ids)
         if self.learned_positions:
-            pos = torch.arange(ids.shape[0], device=ids.device)
-            x = x + self.position_embeddings(pos).unsqueeze(1)
+            x = x + self.position_embeddings(positions).unsqueeze(1)
             if self.config.sequence_parallel:
                 # A clone: the shard is a view, which would keep the whole sequence alive for backward
                 # (Megatron's clone_scatter_output_in_embedding).
@@ -366,19 +398,30 @@ class GPT(nn.Module):
                 return F.dropout(x, p)
         return F.dropout(x, p)
 
-    def rope(self, seq: int, device):
+    @staticmethod
+    def positions(seq: int, device, cp: ContextParallel | None) -> torch.Tensor:
+        """Where this rank's `seq` tokens sit in the sequence: 0..seq-1, or its share of cp x seq tokens."""
+        if cp is None:
+            return torch.arange(seq, device=device)
+        return position_ids(seq * cp.size, cp.size, cp.rank, device)
+
+    def rope(self, positions: torch.Tensor, seq: int):
+        """(cos, sin) rows of `positions` in a sequence of `seq` tokens."""
         if self.config.position_embedding_type != "rope":
             return None
-        return rotary_tables(seq, self.config.kv_channels, self.config.rotary_base, device)
+        cos, sin = rotary_tables(seq, self.config.kv_channels, self.config.rotary_base, positions.device)
+        return cos[positions], sin[positions]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
+                whole_sequence: bool = False) -> torch.Tensor:
+        """`whole_sequence`: x is the whole sequence on every cp rank (sampling), not this rank's share."""
+        cp = None if whole_sequence else self.cp
+        local = x.shape[1] if self.pre_process else x.shape[0] * (self.tp_size if self.config.sequence_parallel else 1)
+        positions = self.positions(local, x.device, cp)
         if self.pre_process:
-            seq = x.shape[1]
-            x = self.embed(x)
-        else:
-            seq = x.shape[0] * (self.tp_size if self.config.sequence_parallel else 1)
-        rope = self.rope(seq, x.device)
-        x = recompute.run_layers(self.layers, x, rope, config=self.config.recompute, training=self.training)
+            x = self.embed(x, positions)
+        rope = self.rope(positions, local * (1 if cp is None else cp.size))
+        x = recompute.run_layers(self.layers, x, rope, cp, config=self.config.recompute, training=self.training)
         if not self.post_process:
             return x
         x = self.final_norm(x)
@@ -407,7 +450,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq, vocab) logits with the padding columns dropped: for sampling and evaluation."""
-        logits = comm.gather_from_tp_region(self.forward(ids), self.tp_group, dim=-1)
+        logits = comm.gather_from_tp_region(self.forward(ids, whole_sequence=True), self.tp_group, dim=-1)
         return logits.transpose(0, 1)[..., : self.config.vocab_size]
 
     @torch.no_grad()

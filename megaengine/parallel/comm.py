@@ -3,7 +3,8 @@
 Every collective the engine issues goes through the counted wrappers here, so tests can compare the bytes a
 rank moves with the theory (ZeRO paper, Megatron papers). `comm_stats.volume` uses the ring model: an
 all-reduce of S bytes moves 2 S (n-1)/n, an all-gather or reduce-scatter of S bytes (the full tensor) moves
-S (n-1)/n.
+S (n-1)/n, an all-to-all of S bytes (this rank's input) moves S (n-1)/n (its own piece stays), and a
+point-to-point send of S bytes moves S ("send", one call per message).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ class CommStats:
         self.volume: dict[str, float] = defaultdict(float)  # ring-model bytes this rank sends
 
     def record(self, op: str, nbytes: int, n: int) -> None:
-        factor = {"all_reduce": 2.0}.get(op, 1.0) * (n - 1) / n
+        # A point-to-point send moves all its bytes; a collective over n ranks moves the ring-model share
+        # (all-reduces, sums or FP8's MAX, twice: reduce-scatter then all-gather).
+        factor = 1.0 if op == "send" else (2.0 if op.startswith("all_reduce") else 1.0) * (n - 1) / n
         self.calls[op] += 1
         self.bytes[op] += nbytes
         self.volume[op] += factor * nbytes
@@ -57,6 +60,15 @@ def all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM, async_op: bool
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
+def all_reduce_max(t: torch.Tensor, group=None):
+    """In-place MAX all-reduce (FP8 amaxes), counted as its own operation, apart from the gradients' sums."""
+    n = _size(group)
+    if n == 1:
+        return None
+    comm_stats.record("all_reduce_max", _nbytes(t), n)
+    return dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+
 def all_gather_into_tensor(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
     n = _size(group)
     if n == 1:
@@ -82,6 +94,25 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
         return None
     comm_stats.record("broadcast", _nbytes(t), n)
     return dist.broadcast(t, src=src, group=group, async_op=async_op)
+
+
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False):
+    """Equal pieces along dim 0: piece j of `inp` goes to rank j, piece j of `out` comes from rank j."""
+    n = _size(group)
+    if n == 1:
+        out.copy_(inp.reshape(out.shape))
+        return None
+    comm_stats.record("all_to_all", _nbytes(inp), n)
+    return dist.all_to_all_single(out, inp.contiguous(), group=group, async_op=async_op)
+
+
+def batch_isend_irecv(ops: list) -> list:
+    """Post a list of dist.P2POp (isend / irecv, peers as global ranks) as one batch; returns the works to
+    wait on. Counts the bytes of each send."""
+    for op in ops:
+        if "send" in op.op.__name__:
+            comm_stats.record("send", _nbytes(op.tensor), 2)
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,6 +157,13 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def _all_to_all(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    all_to_all_single(out, x, group)
+    return out
+
+
 def _conjugate_pair(name: str, forward, backward):
     """An autograd Function running `forward(x, group, dim)` and, on the gradient, its conjugate `backward`."""
     def fwd(ctx, x, group, dim):
@@ -148,6 +186,8 @@ _ScatterToRegion = _conjugate_pair("ScatterToRegion", _split, _gather)
 _GatherFromRegion = _conjugate_pair("GatherFromRegion", _gather, _split)
 _AllGatherSequence = _conjugate_pair("AllGatherSequence", _gather, _reduce_scatter)
 _ReduceScatterSequence = _conjugate_pair("ReduceScatterSequence", _reduce_scatter, _gather)
+# With equal pieces an all-to-all is its own conjugate: the gradient of piece j goes back to rank j.
+_AllToAll = _conjugate_pair("AllToAll", _all_to_all, _all_to_all)
 
 
 def copy_to_tp_region(x, group):
@@ -188,3 +228,9 @@ def scatter_sequence(x, group, dim: int = 0):
 def gather_sequence(x, group, dim: int = 0):
     """Leave the sequence-parallel region: all-gather shards forward, keep this rank's shard of the gradient."""
     return _GatherFromRegion.apply(x, group, dim % x.dim())
+
+
+def all_to_all(x, group):
+    """Equal pieces along dim 0 (size = group size): piece j goes to rank j, piece j of the result came from
+    rank j; the gradient travels back the same way. Context parallelism's sequence <-> head exchange."""
+    return x if _size(group) == 1 else _AllToAll.apply(x, group, 0)

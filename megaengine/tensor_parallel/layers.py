@@ -6,6 +6,9 @@ a `piece(shape, rows, cols)` (megaengine.models.init) draws only that piece; any
 weight, which is then sliced. Each shard's split is recorded in its `ParamInfo`
 (megaengine.parallel.params), which gradient clipping, ZeRO and checkpoints read.
 
+`fp8=FP8Config(...)` makes the column and row layers run their matmuls in FP8 (megaengine.fp8); the layer then
+holds its scaling state as the submodule `fp8`.
+
 Sequence parallelism (Korthikanti et al. 2022): activations outside these layers are split along dim 0 (the
 sequence, layout (seq, batch, hidden)); the column layer all-gathers them (keeping only the shard for
 backward), the row layer reduce-scatters.
@@ -55,6 +58,26 @@ def take_shard(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) ->
     return shard_rows(full.movedim(dim, 0), rank, size, info.tp_segments).movedim(0, dim)
 
 
+def make_fp8(config):
+    """The FP8 scaling state of a layer (None: FP8 off)."""
+    if config is None:
+        return None
+    from megaengine.fp8.scaling import make_scaling
+    return make_scaling(config)
+
+
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, parallel: str,
+           token_group=None) -> torch.Tensor:
+    """x W^T (+ bias) for a "column" or "row" layer: F.linear, or the FP8 linear when the layer has FP8 state
+    (which then needs to know which operands are sharded over the layer's group, and the group x's tokens are
+    split over, if any: context parallelism)."""
+    if layer.fp8 is None:
+        return F.linear(x, layer.weight, bias)
+    from megaengine.fp8.linear import fp8_linear
+    return fp8_linear(x, layer.weight, bias, scaling=layer.fp8, group=layer.group, parallel=parallel,
+                      token_group=token_group)
+
+
 def row_ranges(rows: int, rank: int, size: int, segments: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """The ranges of dim 0 that `shard_rows` keeps, in order."""
     out, start = [], 0
@@ -86,7 +109,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False, group=None, *, init_method: InitMethod | None = None,
-                 segments: Sequence[int] | None = None, dtype=torch.float32, device=None):
+                 segments: Sequence[int] | None = None, fp8=None, dtype=torch.float32, device=None):
         super().__init__()
         self.group = resolve_group(group)
         size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -106,12 +129,18 @@ class ColumnParallelLinear(nn.Module):
             mark_tensor_parallel(self.bias, 0, segments)
         else:
             self.register_parameter("bias", None)
+        self.fp8 = make_fp8(fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:  # keeps x's shard for backward, not the gathered x (sequence_linear.py)
+    def forward(self, x: torch.Tensor, token_group=None) -> torch.Tensor:
+        """`token_group`: the group x's tokens are split over (context parallel), for FP8's amaxes over tokens."""
+        if self.sequence_parallel and self.fp8 is None:  # keeps x's shard for backward (sequence_linear.py)
             y = gathered_linear(x, self.weight, self.bias, self.group)
         else:
-            y = F.linear(comm.copy_to_tp_region(x, self.group), self.weight, self.bias)
+            if self.sequence_parallel:
+                x = comm.all_gather_sequence(x, self.group, dim=0)
+            else:
+                x = comm.copy_to_tp_region(x, self.group)
+            y = linear(x, self, self.bias, "column", token_group)
         return comm.gather_from_tp_region(y, self.group, dim=-1) if self.gather_output else y
 
 
@@ -121,7 +150,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, group=None, *, init_method: InitMethod | None = None,
-                 dtype=torch.float32, device=None):
+                 fp8=None, dtype=torch.float32, device=None):
         super().__init__()
         self.group = resolve_group(group)
         size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -140,13 +169,15 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self.fp8 = make_fp8(fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_group=None) -> torch.Tensor:
+        """`token_group`: as for ColumnParallelLinear."""
         if dist.get_world_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self, self.bias, "row", token_group)
         if not self.input_is_parallel:
             x = comm.scatter_to_tp_region(x, self.group, dim=-1)
-        y = F.linear(x, self.weight)
+        y = linear(x, self, None, "row", token_group)
         if self.sequence_parallel:
             y = comm.reduce_scatter_sequence(y, self.group, dim=0)
         else:

@@ -69,6 +69,15 @@ def _parallelism_flags(g) -> None:
                    help="how long a rank waits for a peer before reporting it stuck")
 
 
+def _context_parallel_flags(g) -> None:
+    g.add_argument("--context-parallel-size", "--cp", dest="context_parallel_size",
+                   type=_positive_int("--context-parallel-size"), default=1,
+                   help="ranks sharing each sequence (long context); the mesh is (dp, pp, cp, tp)")
+    g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
+                   help="p2p: ring attention, K/V passed around the cp ranks; a2a: all-to-all (Ulysses), heads "
+                        "and query groups divisible by cp x tp")
+
+
 def _model_flags(g) -> None:
     g.add_argument("--num-layers", type=_positive_int("--num-layers"), help="transformer layers")
     g.add_argument("--hidden-size", type=_positive_int("--hidden-size"), help="model width")
@@ -134,6 +143,19 @@ def _training_flags(g) -> None:
     g.add_argument("--exit-interval", type=_positive_int("--exit-interval"), help="stop after an iteration divisible by this")
 
 
+def _fp8_flags(g) -> None:
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
+                   help="FP8 matmuls in the transformer layers' linears (needs --bf16): e4m3 everywhere, or hybrid "
+                        "(e4m3 forward, e5m2 gradients) (default: off)")
+    g.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "delayed"], default="delayed",
+                   help="FP8 scaling: per tensor from the current amax, per row, or from an amax history")
+    g.add_argument("--fp8-amax-history-len", type=_positive_int("--fp8-amax-history-len"), default=1,
+                   help="steps of amax history for --fp8-recipe delayed")
+    g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="most_recent",
+                   help="delayed scaling's amax: the largest in the history or the newest")
+    g.add_argument("--fp8-margin", type=int, default=0, help="scale FP8 values down by 2^margin to leave headroom")
+
+
 def _data_flags(g) -> None:
     g.add_argument("--data-path", nargs="*",
                    help="prefixes of .bin/.idx files, optionally weighted: 0.7 a 0.3 b (default: the embedded corpus)")
@@ -176,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=_HelpFormatter)
     p.add_argument("--config", help="JSON preset (e.g. configs/gpt-tiny.json); flags given here override its values")
     _parallelism_flags(p.add_argument_group("parallelism"))
+    _context_parallel_flags(p.add_argument_group("context parallelism"))
     _model_flags(p.add_argument_group("model"))
     _recompute_flags(p.add_argument_group("activation recomputation"))
     _training_flags(p.add_argument_group("training"))
+    _fp8_flags(p.add_argument_group("fp8"))
     _data_flags(p.add_argument_group("data"))
     _checkpointing_flags(p.add_argument_group("checkpointing"))
     _fault_tolerance_flags(p.add_argument_group("fault tolerance"))

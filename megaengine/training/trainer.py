@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 
 from megaengine import parallel
-from megaengine.checkpoint import Checkpointer, Layout, latest_tag
+from megaengine.checkpoint import Checkpointer, Layout, latest_tag, load_buffers, named_buffers
 from megaengine.config import Config, resolve, same_file
+from megaengine.context_parallel import split_for_rank
 from megaengine.data import MicroBatchLoader, Tokenizer, build_datasets, ensure_default_corpus
 from megaengine.errors import ConfigError
+from megaengine.fp8 import set_grad_divisor, update_amax_history
 from megaengine.models import GPT, count_parameters
 from megaengine.models.gpt import generate
 from megaengine.parallel import comm
@@ -66,9 +68,10 @@ class Watch:
                 raise
             s = self.state
             raise PeerTimeout(
-                f"rank {dist.get_rank()} (tp {s.tp_rank}, pp {s.pp_rank}, dp {s.dp_rank}) gave up in {phase} of "
-                f"iteration {iteration}: a peer did not answer within --distributed-timeout-minutes "
-                f"{self.minutes:g} (it is stuck, slow or dead). Backend said: {str(e)[:300]}") from None
+                f"rank {dist.get_rank()} (tp {s.tp_rank}, pp {s.pp_rank}, "
+                f"{f'cp {s.cp_rank}, ' if s.cp_size > 1 else ''}dp {s.dp_rank}) gave up in {phase} of iteration "
+                f"{iteration}: a peer did not answer within --distributed-timeout-minutes {self.minutes:g} (it is "
+                f"stuck, slow or dead). Backend said: {str(e)[:300]}") from None
 
 
 def main(argv=None) -> int:
@@ -110,7 +113,7 @@ def train(cfg: Config) -> None:
     while iteration < cfg.train.train_iters:
         lr, start = lr_at(iteration), time.monotonic()
         with watch("forward, backward and gradient reduction", iteration + 1):
-            batches = next_batches(loader, cfg.train.micro_batches(state.dp_size), state.device, cfg.model.vocab_size)
+            batches = next_batches(loader, cfg.train.micro_batches(state.dp_size), state, cfg.model.vocab_size)
             loss = train_step(chunks, optimizer, batches, plan, state)
         with watch("the optimizer step", iteration + 1):
             grad_norm, skipped = optimizer.step(lr)
@@ -201,8 +204,10 @@ def build_model_chunks(cfg: Config, state) -> list:
     v, pp, r = cfg.parallel.virtual_stages, state.pp_size, state.pp_rank
     ranges = layer_ranges(cfg.model.num_layers, pp, v)[r]
     with sharded_build(cfg, state):
-        chunks = [GPT(cfg.model, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
-                      post_process=(r == pp - 1 and c == v - 1)) for c in range(v)]
+        chunks = [GPT(cfg.model, state.tp_group, cp_group=state.cp_group, cp_comm_type=cfg.parallel.cp_comm_type,
+                      layers=ranges[c], pre_process=(r == 0 and c == 0), post_process=(r == pp - 1 and c == v - 1))
+                  for c in range(v)]
+    set_grad_divisor(chunks, state.dp_cp_size)  # FP8 histories in the global batch's units: the same at any dp
     return [c.to(device=state.device, dtype=cfg.train.param_dtype) for c in chunks]
 
 
@@ -240,20 +245,22 @@ def plan_pipeline(cfg: Config, state) -> PipelinePlan | None:
         return None
     p, m = cfg.parallel, cfg.model
     actions = schedules.build(p.schedule, p.pp, cfg.train.micro_batches(state.dp_size), p.virtual_stages)[state.pp_rank]
-    seq = m.seq_length // state.tp_size if m.sequence_parallel else m.seq_length
+    seq = m.seq_length // state.cp_size  # this rank's share of each sequence (context parallel)
+    seq = seq // state.tp_size if m.sequence_parallel else seq
     return PipelinePlan(actions, (seq, cfg.train.micro_batch_size, m.hidden_size), cfg.train.param_dtype,
                         60.0 * p.timeout_minutes)
 
 
 def initialize_mesh(cfg: Config):
     p = cfg.parallel
-    return parallel.initialize(p.tp, p.pp, backend=p.backend, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
+    return parallel.initialize(p.tp, p.pp, cp=p.cp, backend=p.backend, seed=cfg.train.seed,
+                               timeout_minutes=p.timeout_minutes)
 
 
 def progress_logger(cfg: Config, state, say) -> ProgressLogger:
     counts = count_parameters(cfg.model, state.tp_size)
     say(f"megaengine: {counts['total'] / 1e6:.2f}M parameters | tp {state.tp_size} pp {state.pp_size} "
-        f"dp {state.dp_size} | {state.device}", flush=True)
+        f"cp {state.cp_size} dp {state.dp_size} | {state.device}", flush=True)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_length
     return ProgressLogger(total_iters=cfg.train.train_iters, tokens_per_iter=tokens_per_iter,
                           flops_per_iter=tokens_per_iter * flops_per_token(cfg.model, counts["matmul"]),
@@ -264,23 +271,40 @@ def progress_logger(cfg: Config, state, say) -> ProgressLogger:
 
 # ---- one step ------------------------------------------------------------------------------------------------
 
-def next_batches(loader, n: int, device, vocab_size: int | None = None) -> list:
+def next_batches(loader, n: int, state, vocab_size: int | None = None) -> list:
+    """The next n micro-batches of (tokens, labels) on the device: every cp rank of a dp rank reads the same
+    samples and keeps its share of each sequence."""
     batches = []
     for _ in range(n):
-        tokens, labels = loader.next_microbatch()
+        tokens, labels = (split_for_rank(t, state.cp_size, state.cp_rank) for t in loader.next_microbatch())
         # The vocab-parallel embedding would silently zero an id outside every rank's range: refuse it
         # (checked on the CPU copy, so no device sync).
         top = max(int(tokens.max()), int(labels.max()))
         if vocab_size is not None and top >= vocab_size:
             raise RuntimeError(f"token id {top} in the training data is outside the tokenizer's "
                                f"vocabulary of {vocab_size}: the data was encoded with another tokenizer.")
-        batches.append((tokens.to(device), labels.to(device)))
+        batches.append((tokens.to(state.device), labels.to(state.device)))
     return batches
 
 
 def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> torch.Tensor:
-    """Forward and backward over the iteration's micro-batches, gradients reduced and ready for step().
-    Returns this rank's share of the iteration's mean loss (zero on pipeline stages without the loss)."""
+    """Forward and backward over the iteration's micro-batches, gradients reduced and ready for step(), FP8
+    scales updated for the next step. Returns this rank's share of the iteration's mean loss (zero on pipeline
+    stages without the loss)."""
+    total = forward_backward(chunks, optimizer, batches, plan, state)
+    update_fp8_scales(chunks, state)
+    return total
+
+
+def update_fp8_scales(chunks, state) -> None:
+    """FP8 delayed scaling: the step's amaxes, MAX-reduced over tp and the weight replicas (dp x cp: the amaxes of
+    the whole global batch, so every layout agrees), enter the histories that scale the next step. Collective;
+    nothing to do without delayed-scaling layers."""
+    update_amax_history(chunks, groups=(state.tp_group, state.dp_cp_group))
+
+
+def forward_backward(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> torch.Tensor:
+    """The micro-batches through one stage, or through the pipeline schedule; gradients reduced."""
     optimizer.zero_grad()
     n = len(batches)
     total = torch.zeros((), device=state.device)
@@ -426,13 +450,17 @@ class TrainingCheckpoints:
     def named_params(self) -> list:
         return [(chunk.global_name(name), p) for chunk in self.chunks for name, p in chunk.named_parameters()]
 
+    def named_buffers(self) -> list:  # FP8 amax histories and scales
+        return [pair for chunk in self.chunks for pair in named_buffers(chunk, chunk.global_name)]
+
     def save(self, iteration: int) -> None:
         meta = {"iteration": iteration, "consumed_samples": self.loader.consumed_samples,
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_dict(),
                 "tokenizer_model": self.tokenizer_model}
         rank_state = {"rng": rng_state(), "loader": self.loader.state_dict(), "iteration": iteration}
         self.checkpointer.save(self.cfg.checkpoint.save, iteration, named_params=self.named_params(),
-                               optimizer=self.optimizer, layout=self.layout, meta=meta, rank_state=rank_state)
+                               optimizer=self.optimizer, layout=self.layout, meta=meta, rank_state=rank_state,
+                               buffers=self.named_buffers())
 
     def resume_root(self) -> str | None:
         """--load, or --save when it already holds a checkpoint (a restarted job picks up where it died)."""
@@ -447,7 +475,10 @@ class TrainingCheckpoints:
         if root is None:
             return 0
         loaded = self.checkpointer.load(root, named_params=self.named_params(), optimizer=self.optimizer,
-                                        layout=self.layout, check=self._same_model)
+                                        layout=self.layout, check=self._same_model,
+                                        buffers=[name for name, _ in self.named_buffers()])
+        for chunk in self.chunks:  # a checkpoint without FP8 state (or of another recipe) leaves it fresh
+            load_buffers(chunk, loaded.buffers, chunk.global_name)
         iteration = int(loaded.meta["iteration"])
         self.loader.load_state_dict({"consumed_samples": loaded.meta["consumed_samples"]})
         if loaded.rank_state is not None:
@@ -456,8 +487,8 @@ class TrainingCheckpoints:
             reseed(self.cfg.train.seed + iteration, self.state)
         saved, now = loaded.meta.get("layout", {}), self.layout
         say(f"resumed from {loaded.path} at iteration {iteration} (saved at tp {saved.get('tp')} pp {saved.get('pp')} "
-            f"dp {saved.get('dp')} ZeRO {saved.get('zero_stage')}; now tp {now.tp} pp {now.pp} dp {now.dp} "
-            f"ZeRO {now.zero_stage})", flush=True)
+            f"cp {saved.get('cp', 1)} dp {saved.get('dp')} ZeRO {saved.get('zero_stage')}; now tp {now.tp} pp {now.pp} "
+            f"cp {now.cp} dp {now.dp} ZeRO {now.zero_stage})", flush=True)
         return iteration
 
     def _same_model(self, meta: dict, path: str) -> None:
@@ -482,7 +513,7 @@ def evaluate(chunks, dataset, cfg: Config, state, plan: PipelinePlan | None) -> 
     loader = MicroBatchLoader(dataset, cfg.train.micro_batch_size, state.dp_rank, state.dp_size)
     total = torch.zeros((), device=state.device)
     steps = cfg.logging.eval_iters * cfg.train.micro_batches(state.dp_size)
-    for tokens, labels in next_batches(loader, steps, state.device):
+    for tokens, labels in next_batches(loader, steps, state):
         if plan is None:
             total += chunks[0](tokens, labels).float().mean()
             continue
@@ -500,7 +531,8 @@ def evaluate(chunks, dataset, cfg: Config, state, plan: PipelinePlan | None) -> 
 @torch.no_grad()
 def sample_text(chunks, tokenizer, cfg: Config, state, say) -> None:
     """A continuation of SAMPLE_PROMPT through the whole pipeline: the last stage samples each token
-    (models.gpt.generate) and broadcasts it to the other stages."""
+    (models.gpt.generate) and broadcasts it to the other stages. Context-parallel ranks hold the same weights:
+    each runs the whole (short) context itself."""
     if cfg.logging.sample_tokens <= 0:
         return
     m = cfg.model
@@ -509,7 +541,8 @@ def sample_text(chunks, tokenizer, cfg: Config, state, say) -> None:
     def last_logits(context):
         hidden = forward_only(chunks, pp_group=state.pp_group, tensor_shape=(context.shape[1] // sp, 1, m.hidden_size),
                               dtype=cfg.train.param_dtype, device=state.device,
-                              forward_step=lambda c, module, x: module(context if module.pre_process else x))
+                              forward_step=lambda c, module, x: module(context if module.pre_process else x,
+                                                                       whole_sequence=True))
         if hidden is None:
             return None
         return comm.gather_from_tp_region(hidden, state.tp_group, dim=-1)[-1, :, :m.vocab_size]
