@@ -30,7 +30,7 @@ def report(config, layout, memory, time, hw: Hardware) -> dict:
             "buffer_bytes": memory.buffer_bytes, "overhead_bytes": memory.overhead_bytes,
             "total_bytes": memory.total_bytes, "gpu_memory_bytes": hw.gpu_memory_gib * GiB,
             "fits": memory.total_bytes <= hw.gpu_memory_gib * GiB, "pipeline_rank": memory.pp_rank,
-            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "virtual": layout.virtual,
+            "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp, "virtual": layout.virtual,
                        "schedule": layout.schedule, "zero_stage": layout.zero_stage,
                        "sequence_parallel": config.sequence_parallel, "recompute": config.recompute.describe(),
                        "micro_batch": layout.micro_batch, "microbatches": layout.microbatches},
@@ -45,7 +45,8 @@ def _gib(n: float) -> str:
 def print_report(r: dict, hw: Hardware) -> None:
     lay = r["layout"]
     held = r["peak_activation_bytes"] / r["activation_bytes_per_microbatch"]
-    print(f"layout: tp {lay['tp']} pp {lay['pp']} (virtual {lay['virtual']}, {lay['schedule']}) dp {lay['dp']}, "
+    cp = f" cp {lay['cp']}" if lay["cp"] > 1 else ""
+    print(f"layout: tp {lay['tp']} pp {lay['pp']} (virtual {lay['virtual']}, {lay['schedule']}){cp} dp {lay['dp']}, "
           f"ZeRO stage {lay['zero_stage']}, sequence parallel {lay['sequence_parallel']}, recompute "
           f"{lay['recompute']}, {lay['microbatches']} micro-batches of {lay['micro_batch']}")
     print(f"busiest rank: pipeline stage {r['pipeline_rank']}")

@@ -12,6 +12,8 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1  # context parallel: ranks sharing each sequence (ZeRO shards over dp x cp)
+    cp_comm_type: str = "p2p"
     virtual: int = 1  # model chunks per pipeline rank (interleaved schedule)
     schedule: str = "1f1b"
     zero_stage: int = 0
@@ -26,7 +28,12 @@ class Layout:
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same weights: gradients are reduced, and ZeRO shards, over dp x cp."""
+        return self.dp * self.cp
 
     @property
     def microbatches(self) -> int:
@@ -41,6 +48,13 @@ class Layout:
             raise ConfigError(f"--global-batch-size={self.global_batch} is not divisible by --micro-batch-size x "
                               f"data-parallel size = {self.micro_batch} x {self.dp}.")
         layer_ranges(config.num_layers, self.pp, self.virtual)
+        if self.cp > 1:
+            from megaengine.context_parallel import check_context_parallel
+            check_context_parallel(self.cp, self.cp_comm_type, seq_length=config.seq_length, tp=self.tp,
+                                   sequence_parallel=config.sequence_parallel,
+                                   num_attention_heads=config.num_attention_heads,
+                                   num_query_groups=config.num_query_groups, attention_dropout=config.attention_dropout,
+                                   attention_backend=config.attention_backend)
         if self.pp > 1:
             schedules.check_config(self.schedule, self.pp, self.microbatches, self.virtual)
 
@@ -99,17 +113,18 @@ def parse(argv=None):
     for dest, value in _PLACEHOLDERS.items():
         if values[dest] is None:
             values[dest] = value
-    tp, pp = values["tensor_model_parallel_size"], values["pipeline_model_parallel_size"]
-    world = planner.world_size or tp * pp
-    if world % (tp * pp):
-        raise ConfigError(f"--world-size {world} is not divisible by tp x pp = {tp} x {pp}.")
+    tp, pp, cp = (values["tensor_model_parallel_size"], values["pipeline_model_parallel_size"],
+                  values.get("context_parallel_size") or 1)
+    world = planner.world_size or tp * pp * cp
+    if world % (tp * pp * cp):
+        raise ConfigError(f"--world-size {world} is not divisible by tp x pp x cp = {tp} x {pp} x {cp}.")
     return resolve_flags(values, origin, world), planner
 
 
 def from_config(cfg):
     """(GPTConfig, Layout) from the run's resolved Config."""
     p, t, z = cfg.parallel, cfg.train, cfg.optim.zero
-    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, virtual=p.virtual_stages, schedule=p.schedule, zero_stage=z.stage,
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, cp_comm_type=p.cp_comm_type, virtual=p.virtual_stages, schedule=p.schedule, zero_stage=z.stage,
                     bucket_size=z.reduce_bucket_size, persistence_threshold=z.stage3_param_persistence_threshold,
                     prefetch_size=z.stage3_prefetch_bucket_size, max_live=z.stage3_max_live_parameters,
                     offload_optimizer=z.offload_optimizer == "cpu", micro_batch=t.micro_batch_size,

@@ -22,6 +22,8 @@ Step time (all assumptions are flags of `python -m megaengine.plan`):
     tensor     per layer and micro-batch 4 all-reduces (or all-gather + reduce-scatter pairs with sp) of the
                (s, b, h) activation, ring volume 2(t-1)/t each, plus the recomputed forward's; at intra-node
                bandwidth when tp fits in a node
+    context    per layer and micro-batch, the K/V ring (p2p) or all-to-alls (a2a) of context_parallel/cost.py,
+               forward and backward (and the recomputed forward's), at intra-node bandwidth when tp x cp fits
     pipeline   each micro-batch's activation and gradient over each stage boundary
     data       stage 0: all-reduce fp32 gradients once; 1: reduce-scatter fp32 + all-gather params once;
                2: reduce-scatter every micro-batch + all-gather once; 3: reduce-scatter every micro-batch
@@ -34,6 +36,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from megaengine.context_parallel.cost import attention_send_bytes
 from megaengine.plan import activations as act
 from megaengine.plan.layout import Layout
 from megaengine.plan.memory import chunk_params, state_bytes
@@ -103,10 +106,12 @@ def peak_held(actions, per_chunk: list[float]) -> float:
 def rank_memory(config, layout: Layout, rank: int, hw: Hardware) -> Memory:
     chunks = _chunks(config, layout, rank)
     specs = [chunk_params(config, layout.tp, r, first, last) for r, first, last in chunks]
-    state = state_bytes(specs, stage=layout.zero_stage, dp=layout.dp, dtype_bytes=layout.dtype_bytes,
+    state = state_bytes(specs, stage=layout.zero_stage, dp=layout.replicas, dtype_bytes=layout.dtype_bytes,
                         bucket_size=layout.bucket_size, persistence_threshold=layout.persistence_threshold)
     e = layout.dtype_bytes
-    kw = dict(seq=config.seq_length, micro_batch=layout.micro_batch, tp=layout.tp, dtype_bytes=e,
+    # a cp rank holds seq/cp tokens of each sequence: every activation term scales with them (no s x s term
+    # remains: cp runs without attention dropout, on flash-style kernels)
+    kw = dict(seq=config.seq_length // layout.cp, micro_batch=layout.micro_batch, tp=layout.tp, dtype_bytes=e,
               kernels=act.kernels_for(config, hw.device, e))
     per_chunk = [act.chunk_bytes(config, r[1] - r[0], first=first, last=last, **kw) for r, first, last in chunks]
     if layout.pp == 1:
@@ -139,6 +144,7 @@ class StepTime:
     compute_s: float
     bubble: float  # the pipeline's idle fraction of the compute time
     tp_s: float
+    cp_s: float
     pp_s: float
     dp_s: float  # exposed (not overlapped) data-parallel communication
     optimizer_s: float
@@ -147,7 +153,7 @@ class StepTime:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s / (1 - self.bubble) + self.tp_s + self.pp_s + self.dp_s + self.optimizer_s
+        return self.compute_s / (1 - self.bubble) + self.tp_s + self.cp_s + self.pp_s + self.dp_s + self.optimizer_s
 
     def mfu(self, world: int, peak_tflops: float) -> float:
         return self.model_flops / (self.step_s * world * peak_tflops * 1e12)
@@ -177,7 +183,7 @@ def _bubble(schedule: str, pp: int, m: int, v: int, recompute: float) -> float:
 
 def step_time(config, layout: Layout, hw: Hardware, memory: Memory) -> StepTime:
     from megaengine.models import count_parameters
-    t, p, d, m = layout.tp, layout.pp, layout.dp, layout.microbatches
+    t, p, d, m, c = layout.tp, layout.pp, layout.replicas, layout.microbatches, layout.cp
     L, h, s, e = config.num_layers, config.hidden_size, config.seq_length, layout.dtype_bytes
     tokens = layout.global_batch * s
     matmul = count_parameters(config, t)["matmul"]
@@ -192,11 +198,14 @@ def step_time(config, layout: Layout, hw: Hardware, memory: Memory) -> StepTime:
     def bandwidth(span: int) -> float:
         return (hw.intra_gbs if span <= hw.gpus_per_node else hw.inter_gbs) * 1e9
 
-    act_bytes = s * layout.micro_batch * h * e  # one (s, b, h) activation
+    act_bytes = s // c * layout.micro_batch * h * e  # one (s, b, h) activation of this rank's tokens
     ring = 2 * (t - 1) / t
     tp_volume = (L / p) * m * act_bytes * ring * (4 + 2 * twice * full) + 2 * m * act_bytes * ring
     boundary = act_bytes / (t if config.sequence_parallel else 1)
     pp_volume = 2 * m * layout.virtual * boundary if p > 1 else 0.0
+    cp_volume = (L / p) * m * (1 + twice * full) * sum(attention_send_bytes(
+        layout.cp_comm_type, cp=c, batch=layout.micro_batch, seq=s, heads=config.num_attention_heads // t,
+        kv_heads=config.num_query_groups // t, head_dim=config.kv_channels, dtype_bytes=e).values())
     # data parallel, on this rank's gradient shard size (padded elements): grads in fp32, params in e bytes
     elems = memory.param_bytes / e if layout.zero_stage < 3 else memory.grad_bytes / 4 * d
     f = (d - 1) / d
@@ -208,6 +217,6 @@ def step_time(config, layout: Layout, hw: Hardware, memory: Memory) -> StepTime:
     shard = memory.optimizer_bytes / 12
     optimizer = shard * (4 + 4) / (hw.host_gbs * 1e9) if layout.offload_optimizer else 0.0
     return StepTime(compute_s=compute, bubble=_bubble(layout.schedule, p, m, layout.virtual, full),
-                    tp_s=tp_volume / bandwidth(t) if t > 1 else 0.0, pp_s=pp_volume / bandwidth(t * p),
-                    dp_s=dp, optimizer_s=optimizer, model_flops=model_flops,
-                    comm_bytes=tp_volume * (t > 1) + pp_volume + dp_volume * (d > 1))
+                    tp_s=tp_volume / bandwidth(t) if t > 1 else 0.0, cp_s=cp_volume / bandwidth(t * c),
+                    pp_s=pp_volume / bandwidth(t * c * p), dp_s=dp, optimizer_s=optimizer, model_flops=model_flops,
+                    comm_bytes=tp_volume * (t > 1) + cp_volume + pp_volume + dp_volume * (d > 1))

@@ -5,7 +5,7 @@ virtual stages (interleaved, 2 or 4 chunks a rank), the schedule (1f1b, zb-h1, i
 ZeRO stage (0-3; 1-3 only with dp > 1; not 0 with offload), the
 recomputation (none, selective, full uniform 1) and the micro-batch size (1, 2, 4, 8) at the run's global
 batch. Sequence parallelism is on whenever tp > 1 (Megatron's recommendation). Fixed: the model, the global
-batch, the ZeRO bucket sizes, the optimizer offload setting.
+batch, the context-parallel size and comm type, the ZeRO bucket sizes, the optimizer offload setting.
 """
 from __future__ import annotations
 
@@ -49,11 +49,13 @@ def _pipelines(layers: int, world: int, tp: int):
 
 def candidates(config, base: Layout, world: int, hw: Hardware):
     for tp in _tp_sizes(config, hw.gpus_per_node):
-        for pp, v, schedule in _pipelines(config.num_layers, world, tp):
-            dp = world // (tp * pp)
+        if world % (tp * base.cp):
+            continue
+        for pp, v, schedule in _pipelines(config.num_layers, world // base.cp, tp):
+            dp = world // (tp * pp * base.cp)
             for mbs in (1, 2, 4, 8):
                 for stage in range(4):
-                    if (stage and dp == 1) or (stage == 0 and base.offload_optimizer):
+                    if (stage and dp * base.cp == 1) or (stage == 0 and base.offload_optimizer):
                         continue
                     layout = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, virtual=v, schedule=schedule,
                                                  micro_batch=mbs, zero_stage=stage)

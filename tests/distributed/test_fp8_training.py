@@ -8,7 +8,7 @@ roundings and grows to ~1.5e-4 with FP8, which would hide what is tested here, t
 at every layout. Even in fp32 another layout's summation order flips an FP8 rounding now and then, and in this
 tiny model one flipped element is visible. Bounds, relative, against one process: loss <= 1e-4 and grad norm
 <= 1e-3 at every iteration; the delayed-scaling state after the run (amax histories and scales, read from the
-final checkpoint), per slot: input 5e-2, weight 1e-3, output gradient 1e-1.
+final checkpoint), per slot: input 5e-2, weight 5e-3, output gradient 1e-1.
 Measured, worst layout: loss 6.7e-6, grad norm 2.3e-4 (tensorwise tp2; delayed tp2 1.7e-5; cp2 <= 5.2e-5; dp
 and pp layouts <= 6.1e-7); state 7.5e-3 / 9.8e-5 / 2.3e-2 (tp2, cp2; dp and pp layouts <= 4.4e-7).
 Broken on purpose, each fails: scales of tp shards not MAX-reduced in the layers (grad norm 1.9e-3 to 4.5e-3);
@@ -26,7 +26,10 @@ from megaengine.testing import run_distributed
 from test_training import _main, model_flags, train
 
 TOLS = {"loss": 1e-4, "grad_norm": 1e-3}
-STATE_TOLS = (5e-2, 1e-3, 1e-1)  # input, weight, output gradient
+# Weight slot: Adam moves every element by about lr whatever its gradient's size, so a flipped FP8 rounding in
+# a near-zero gradient moves a weight, and the layer's weight amax, by up to lr: 1.1e-3 to 2.2e-3 at dp, pp and
+# tp layouts for seeds 8, 9 and 11 (and for seed 7 with per-row-block seeded weights), 9.8e-5 at seed 7 before.
+STATE_TOLS = (5e-2, 5e-3, 1e-1)  # input, weight, output gradient
 FP8 = {"fp8-format": "hybrid"}
 
 

@@ -20,20 +20,20 @@ def _config(**kw):
                      make_vocab_size_divisible_by=8, **kw)
 
 
-def _memory_worker(rank, world, tp, pp, variants):
+def _memory_worker(rank, world, tp, pp, cp, variants):
     from megaengine import parallel
     from megaengine.models import GPT
     from megaengine.pipeline import layer_ranges
     from megaengine.plan.memory import chunk_params, state_bytes
     from megaengine.zero import ZeroOptimizer
-    state = parallel.initialize(tp=tp, pp=pp)
+    state = parallel.initialize(tp=tp, pp=pp, cp=cp)
     (layers,) = layer_ranges(4, pp)[state.pp_rank]
     first, last = state.pp_rank == 0, state.pp_rank == pp - 1
     out = []
     for stage, dtype, offload, kw in variants:
         cfg = _config(**kw)
         model = GPT(cfg, state.tp_group, layers=layers, pre_process=first, post_process=last).to(dtype)
-        opt = ZeroOptimizer([model], stage=stage, dp_group=state.dp_group, tp_group=state.tp_group,
+        opt = ZeroOptimizer([model], stage=stage, dp_group=state.dp_cp_group, tp_group=state.tp_group,
                             pp_group=state.pp_group, reduce_bucket_size=BUCKET, param_persistence_threshold=THRESHOLD,
                             offload_optimizer=offload)
         if stage == 3 and first and last and not cfg.untie_embeddings_and_output_weights:
@@ -45,7 +45,7 @@ def _memory_worker(rank, world, tp, pp, variants):
         opt.step()
         report = opt.memory_report()
         e = torch.tensor([], dtype=dtype).element_size()
-        predicted = state_bytes([chunk_params(cfg, tp, layers, first, last)], stage=stage, dp=state.dp_size,
+        predicted = state_bytes([chunk_params(cfg, tp, layers, first, last)], stage=stage, dp=state.dp_cp_size,
                                 dtype_bytes=e, bucket_size=BUCKET, persistence_threshold=THRESHOLD)
         out.append(((report["param_bytes"], report["grad_bytes"], report["optimizer_bytes"]),
                     (predicted.param_bytes, predicted.grad_bytes, predicted.optimizer_bytes)))
@@ -56,10 +56,10 @@ VARIANTS = [(stage, dtype, False, kw) for stage in range(4) for dtype in (torch.
             for kw in ({}, LLAMA)] + [(2, torch.bfloat16, True, {})]
 
 
-@pytest.mark.parametrize("world,tp,pp", [(2, 1, 1), (3, 1, 1), (4, 2, 1), (4, 1, 2)],
-                         ids=["dp2", "dp3 (padding)", "tp2-dp2", "pp2-dp2"])
-def test_state_bytes_equal_memory_report(world, tp, pp):
-    for rank, rows in enumerate(run_distributed(_memory_worker, world, tp, pp, VARIANTS)):
+@pytest.mark.parametrize("world,tp,pp,cp", [(2, 1, 1, 1), (3, 1, 1, 1), (4, 2, 1, 1), (4, 1, 2, 1), (4, 1, 1, 2)],
+                         ids=["dp2", "dp3 (padding)", "tp2-dp2", "pp2-dp2", "cp2-dp2"])
+def test_state_bytes_equal_memory_report(world, tp, pp, cp):
+    for rank, rows in enumerate(run_distributed(_memory_worker, world, tp, pp, cp, VARIANTS)):
         for variant, (reported, predicted) in zip(VARIANTS, rows):
             assert reported == predicted, (rank, variant[:3], bool(variant[3]), reported, predicted)
 
@@ -175,18 +175,23 @@ PLAN_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads
 
 def _counted_worker(rank, world, flags):
     from megaengine import parallel
+    from megaengine.context_parallel.layout import split_for_rank
     from megaengine.models import GPT
     from megaengine.plan.layout import from_config, parse
     from megaengine.plan.measure import chunk_saved_bytes
-    state = parallel.initialize()
     config, layout = from_config(parse(flags)[0])
-    model = GPT(config, state.tp_group).to(torch.bfloat16 if layout.dtype_bytes == 2 else torch.float32)
-    tokens = torch.randint(0, 100, (layout.micro_batch, config.seq_length + 1))
-    return chunk_saved_bytes(model, tokens[:, :-1], tokens[:, 1:])
+    state = parallel.initialize(cp=layout.cp)
+    model = GPT(config, state.tp_group, cp_group=state.cp_group, cp_comm_type=layout.cp_comm_type)
+    model = model.to(torch.bfloat16 if layout.dtype_bytes == 2 else torch.float32)
+    tokens = torch.randint(0, 100, (layout.micro_batch, config.seq_length + 1), generator=torch.Generator().manual_seed(0))
+    x, y = (split_for_rank(t, state.cp_size, state.cp_rank) for t in (tokens[:, :-1], tokens[:, 1:]))
+    return chunk_saved_bytes(model, x, y)
 
 
-@pytest.mark.parametrize("extra", [[], ["--bf16"]])
+@pytest.mark.parametrize("extra", [[], ["--bf16"], ["--cp", "2", "--attention-dropout", "0"]],
+                         ids=["fp32", "bf16", "cp2"])
 def test_cli_activations_per_microbatch_match_counted(extra, capsys):
     planned = _plan_json(PLAN_FLAGS + extra, capsys)["activation_bytes_per_microbatch"]
-    (counted,) = run_distributed(_counted_worker, 1, PLAN_FLAGS + extra)
-    assert abs(planned / counted - 1) <= 0.05, (planned, counted)
+    world = 2 if "--cp" in extra else 1
+    for counted in run_distributed(_counted_worker, world, PLAN_FLAGS + extra):
+        assert abs(planned / counted - 1) <= 0.05, (planned, counted)
