@@ -3,7 +3,8 @@
 Every collective the engine issues goes through the counted wrappers here, so tests can compare the bytes a
 rank moves with the theory (ZeRO paper, Megatron papers). `comm_stats.volume` uses the ring model: an
 all-reduce of S bytes moves 2 S (n-1)/n, an all-gather or reduce-scatter of S bytes (the full tensor) moves
-S (n-1)/n.
+S (n-1)/n. An all-to-all of S bytes (this rank's input) moves exactly what leaves the rank: S less the split it
+keeps for itself.
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ class CommStats:
         self.bytes: dict[str, int] = defaultdict(int)  # size of the full tensor each call works on
         self.volume: dict[str, float] = defaultdict(float)  # ring-model bytes this rank sends
 
-    def record(self, op: str, nbytes: int, n: int) -> None:
+    def record(self, op: str, nbytes: int, n: int, volume: float | None = None) -> None:
+        """`volume`: the bytes this rank sends, when the ring model does not give them (uneven all-to-all)."""
         factor = {"all_reduce": 2.0}.get(op, 1.0) * (n - 1) / n
         self.calls[op] += 1
         self.bytes[op] += nbytes
-        self.volume[op] += factor * nbytes
+        self.volume[op] += factor * nbytes if volume is None else volume
 
     def total_volume(self) -> float:
         return sum(self.volume.values())
@@ -74,6 +76,20 @@ def reduce_scatter_tensor(out: torch.Tensor, full: torch.Tensor, group=None, op=
         return None
     comm_stats.record("reduce_scatter", _nbytes(full), n)
     return _reduce_scatter_single(out, full.contiguous(), op=op, group=group, async_op=async_op)
+
+
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None, group=None,
+                      async_op: bool = False):
+    """Rows of `inp` go to the ranks of `group` in `in_splits` pieces (even when None); `out` receives
+    `out_splits` rows from each rank, in rank order."""
+    n = _size(group)
+    if n == 1:
+        out.copy_(inp.reshape(out.shape))
+        return None
+    rows = inp.shape[0]
+    kept = in_splits[dist.get_rank(group)] if in_splits is not None else rows // n
+    comm_stats.record("all_to_all", _nbytes(inp), n, volume=(rows - kept) * _nbytes(inp[:1]))
+    return dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
 
 
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
@@ -148,6 +164,26 @@ _ScatterToRegion = _conjugate_pair("ScatterToRegion", _split, _gather)
 _GatherFromRegion = _conjugate_pair("GatherFromRegion", _gather, _split)
 _AllGatherSequence = _conjugate_pair("AllGatherSequence", _gather, _reduce_scatter)
 _ReduceScatterSequence = _conjugate_pair("ReduceScatterSequence", _reduce_scatter, _gather)
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """all_to_all_single as an autograd op: the gradient goes back along the same rows, splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        all_to_all_single(out, x, out_splits, in_splits, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_to_all_rows(g, *ctx.splits, ctx.group), None, None, None
+
+
+def all_to_all_rows(x, out_splits: list[int], in_splits: list[int], group):
+    """Send in_splits[r] rows of x to rank r, receive out_splits[r] rows from rank r (rank order); autograd-aware."""
+    return x if _size(group) == 1 else _AllToAllRows.apply(x, list(out_splits), list(in_splits), group)
 
 
 def copy_to_tp_region(x, group):
