@@ -80,41 +80,37 @@ def _grouped_mm_wgrad(A, B, C, OFFS, P, Q, stride_am, stride_ap, stride_bm, stri
              acc.to(C.dtype.element_ty), mask=(ps[:, None] < P) & (qs[None, :] < Q))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); those whose pipelined tiles overflow shared memory for
-# the launch's dtype are pruned before tuning.
-_MM_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 3), (64, 64, 32, 4, 2)]
-SHARED_BUDGET = 160 * 1024  # below sm_80's 163 KiB opt-in limit, so every kept config fits A100 and H100
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by input width; for the weight gradient read as (BLOCK_P,
+# BLOCK_Q, BLOCK_M). fp32 dots run without tensor cores (exact, "ieee") and spill registers with the 16-bit
+# tiles: they get a K step of 16. megaengine.kernels.compile_check compiles each for sm_80 and sm_90.
+_SHAPES = {
+    2: [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 2)],
+    4: [(64, 64, 16, 4, 2), (64, 64, 16, 4, 3), (128, 64, 16, 8, 2)],
+}
 
 
-def _mm_configs():
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in _MM_SHAPES]
+def _configs(names) -> dict:
+    """{itemsize: [triton.Config]} with the three block sizes named `names`."""
+    return {size: [triton.Config(dict(zip(names, shape[:3])), num_warps=shape[3], num_stages=shape[4])
+                   for shape in shapes] for size, shapes in _SHAPES.items()}
 
 
-def _wgrad_configs():
-    return [triton.Config({"BLOCK_P": m, "BLOCK_Q": n, "BLOCK_M": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in _MM_SHAPES]
-
-
-def pipelined_bytes(config, itemsize: int) -> int:
-    """Shared memory the software pipeline holds: num_stages copies of both input tiles."""
-    b1, b2, bk = (config.kwargs[k] for k in (("BLOCK_M", "BLOCK_N", "BLOCK_K") if "BLOCK_K" in config.kwargs
-                                             else ("BLOCK_P", "BLOCK_Q", "BLOCK_M")))
-    return config.num_stages * (b1 * bk + bk * b2) * itemsize
-
-
-def _fits(pointer: str):
+def _for_width(table: dict, pointer: str):
+    """An early_config_prune keeping the configs made for the element width of the `pointer` argument."""
     def prune(configs, nargs, **kwargs):
-        itemsize = nargs[pointer].element_size()
-        return [c for c in configs if pipelined_bytes(c, itemsize) <= SHARED_BUDGET] or configs[-1:]
+        wanted = table[min(4, max(2, nargs[pointer].element_size()))]
+        return [c for c in configs if any(c is w for w in wanted)]
     return prune
 
 
-_grouped_mm_tuned = triton.autotune(configs=_mm_configs(), key=["K", "N", "G"],
-                                    prune_configs_by={"early_config_prune": _fits("X")})(_grouped_mm)
-_grouped_mm_wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=["P", "Q"],
-                                          prune_configs_by={"early_config_prune": _fits("A")})(_grouped_mm_wgrad)
+MM_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+WGRAD_CONFIGS = _configs(("BLOCK_P", "BLOCK_Q", "BLOCK_M"))
+_grouped_mm_tuned = triton.autotune(configs=MM_CONFIGS[2] + MM_CONFIGS[4], key=["K", "N", "G"],
+                                    prune_configs_by={"early_config_prune": _for_width(MM_CONFIGS, "X")})(_grouped_mm)
+_grouped_mm_wgrad_tuned = triton.autotune(
+    configs=WGRAD_CONFIGS[2] + WGRAD_CONFIGS[4], key=["P", "Q"],
+    prune_configs_by={"early_config_prune": _for_width(WGRAD_CONFIGS, "A")})(_grouped_mm_wgrad)
 
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}  # the interpreter runs one small config
 
