@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megaengine.errors import ConfigError
-from megaengine.moe import MoEConfig, check_moe, expert_capacity, expert_group_ranks, moe_layer_pattern
+from megaengine.moe import (MoEConfig, check_moe, expert_capacity, expert_group_ranks, moe_layer_pattern,
+                            moe_mlp_parameters)
 from megaengine.moe.reference import kept_reference
 from megaengine.moe.router import capacity_mask, load_balancing_loss, topk_softmax, z_loss
 from megaengine.testing import rel_error
@@ -141,3 +142,20 @@ def test_good_layouts_pass_and_presets_parse():
         check_moe(moe, num_layers=preset["num_layers"], ep=moe.num_experts, dp=moe.num_experts, tp=2,
                   sequence_parallel=preset["sequence_parallel"], add_bias_linear=not preset["disable_bias_linear"])
     assert MoEConfig.from_dict({"num_layers": 2}) is None
+
+
+def test_mixtral_parameter_counts():
+    """The preset's model has Mixtral 8x7B's published 46.7B parameters, 12.9B of them active per token."""
+    import json
+    import os
+
+    from megaengine.models.gpt import GPTConfig, count_parameters
+    preset = json.load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "mixtral-8x7b.json")))
+    config = GPTConfig.from_dict({**preset, "add_bias_linear": not preset["disable_bias_linear"]})
+    moe = MoEConfig.from_dict(preset)
+    dense = count_parameters(config)["total"]
+    mlp = moe_mlp_parameters(config.hidden_size, config.ffn_hidden_size, moe)
+    dense_mlp = 3 * config.hidden_size * config.ffn_hidden_size
+    layers = sum(moe_layer_pattern(config.num_layers, moe.moe_layer_freq))
+    total, active = (dense + layers * (mlp[key] - dense_mlp) for key in ("total", "active"))
+    assert round(total / 1e9, 1) == 46.7 and round(active / 1e9, 1) == 12.9, (total, active)

@@ -109,3 +109,11 @@ def _divisors(n: int) -> list[int]:
 def expert_capacity(tokens: int, num_experts: int, topk: int, factor: float) -> int:
     """Megatron's capacity per expert: ceil(tokens x k / E x factor), tokens being the router's input here."""
     return math.ceil(tokens * topk / num_experts * factor)
+
+
+def moe_mlp_parameters(hidden_size: int, ffn_hidden_size: int, moe: MoEConfig, swiglu: bool = True) -> dict:
+    """One MoE MLP's weights: `total` (router + all E experts: memory) and `active` (router + the k experts each
+    token uses: the ones model FLOPs count). All are matmul weights; experts have no biases."""
+    per_expert = hidden_size * moe.ffn_size(ffn_hidden_size) * (3 if swiglu else 2)
+    router = moe.num_experts * hidden_size
+    return {"total": router + moe.num_experts * per_expert, "active": router + moe.moe_router_topk * per_expert}
