@@ -14,6 +14,9 @@ Communication per layer and rank, counted by comm_stats and compared exactly wit
   all_gather of the per-expert counts (ep E int64). The backward repeats both all-to-alls, splits swapped.
 - allgather, forward: all_gather of ep T (h fp32 + k fp32 weights + k int64 ids), reduce_scatter of ep T h fp32;
   backward: reduce_scatter of ep T (h + k) fp32 and all_gather of ep T h fp32.
+- tp 2 (sequence parallel), T being the rank's shard: an all_reduce of the E int64 counts in forward, and in
+  backward of the router's and the local experts' gradients (summed over tp; fp32).
+The layer also equals transformers' MixtralSparseMoeBlock on the same weights.
 """
 import pytest
 import torch
@@ -166,3 +169,27 @@ def test_moe_layer_matches_the_token_loop(tp, ep):
         for members in expert_group_ranks(4 // tp, 1, tp, ep)[0]:
             sent = sum(results[r][1]["alltoall"]["forward"]["all_to_all"] for r in members)
             assert sent == 2 * TOPK * (SEQ * BATCH // tp) * HIDDEN * 4 * ep
+
+
+def _hf_case(rank, world):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from megaengine.models.gpt import GPTConfig
+    from megaengine.moe import MoEConfig, MoEMLP
+    config = GPTConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_layers=2, swiglu=True, init_seed=5)
+    moe = MoEConfig(num_experts=EXPERTS, moe_router_topk=TOPK)
+    ours = MoEMLP(config, moe, "layers.0.mlp", dist.group.WORLD, dist.group.WORLD).eval()
+    hf = MixtralSparseMoeBlock(MixtralConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_local_experts=EXPERTS,
+                                             num_experts_per_tok=TOPK)).eval()
+    with torch.no_grad():  # transformers 5 stores Mixtral's experts stacked: [gate; up] and down, as we do
+        hf.gate.weight.copy_(ours.router.weight)
+        hf.experts.gate_up_proj.copy_(ours.experts.fc1)
+        hf.experts.down_proj.copy_(ours.experts.fc2)
+        x = _randn((SEQ, BATCH, HIDDEN), 3)
+        return rel_error(ours(x).transpose(0, 1), hf(x.transpose(0, 1).contiguous()))
+
+
+def test_layer_equals_transformers_mixtral_block():
+    pytest.importorskip("transformers")
+    assert run_distributed(_hf_case, 1)[0] <= TOL
