@@ -193,3 +193,68 @@ def _hf_case(rank, world):
 def test_layer_equals_transformers_mixtral_block():
     pytest.importorskip("transformers")
     assert run_distributed(_hf_case, 1)[0] <= TOL
+
+
+STEPS, LR = 5, 2.0
+
+
+def _batch(step, d):
+    x = _randn((SEQ, BATCH, HIDDEN), 1000 * step + d)
+    return x, _randn((SEQ, BATCH, HIDDEN), 1000 * step + d + 500)
+
+
+def _train(layer, micro_batches, scale, reduce_grads):
+    """SGD steps: squared error of the layer's output, auxiliary losses on; `micro_batches(step)` gives this
+    rank's (x, target) pairs, each loss divided by their count, as the trainer divides by the micro-batches."""
+    opt = torch.optim.SGD(layer.parameters(), lr=LR)
+    for step in range(STEPS):
+        opt.zero_grad()
+        pairs = micro_batches(step)
+        layer.aux_loss_scale = scale / len(pairs)
+        for x, target in pairs:
+            ((layer(x) - target).square().sum() * scale / len(pairs)).backward()
+        reduce_grads()
+        opt.step()
+
+
+def _steps_case(rank, world, tp, ep):
+    """The rule the trainer must follow: dense (router) gradients averaged over dp; expert gradients summed over
+    the expert-data-parallel group and divided by dp (not edp): the owner already holds its ep group's sum."""
+    from megaengine.models.gpt import GPTConfig
+    from megaengine.moe import MoEConfig, MoEMLP, new_expert_groups
+    from megaengine.testing import single_rank_groups
+    dp, d, t = world // tp, rank // tp, rank % tp
+    tp_group, ep_group, _ = _layout(rank, world, tp, ep)
+    dp_group = [dist.new_group(list(range(i, world, tp))) for i in range(tp)][t]
+    _, edp_group = new_expert_groups(dp, 1, tp, ep)
+    alone = single_rank_groups()
+    moe = MoEConfig(num_experts=EXPERTS, moe_router_topk=TOPK, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=ZLOSS)
+    make = lambda sp, tpg, epg: MoEMLP(GPTConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_layers=2, swiglu=True,  # noqa: E731
+                                                 sequence_parallel=sp, init_seed=3), moe, "layers.0.mlp", tpg, epg)
+    ours, reference = make(tp > 1, tp_group, ep_group), make(False, alone, alone)
+
+    def reduce_grads():
+        for p, group in ((ours.router.weight, dp_group), (ours.experts.fc1, edp_group), (ours.experts.fc2, edp_group)):
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= dp
+
+    # tp ranks see their sequence shard; the squared error's sum over shards is the whole micro-batch's.
+    _train(ours, lambda s: [tuple(v.chunk(tp, 0)[t] for v in _batch(s, d))], 1.0, reduce_grads)
+    _train(reference, lambda s: [_batch(s, m) for m in range(dp)], 1.0, lambda: None)
+    local = EXPERTS // ep
+    mine = slice(d % ep * local, (d % ep + 1) * local)
+    return {"router": rel_error(ours.router.weight, reference.router.weight),
+            "fc1": rel_error(ours.experts.fc1, reference.experts.fc1[mine]),
+            "fc2": rel_error(ours.experts.fc2, reference.experts.fc2[mine]),
+            "moved": rel_error(reference.experts.fc1, make(False, alone, alone).experts.fc1)}
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 2), (1, 4), (2, 2)])
+def test_sgd_steps_match_one_process(tp, ep):
+    """Five SGD steps at ep 2 (dp 4, edp 2), ep 4 and tp 2 x ep 2 (sequence parallel) equal one process running
+    the dp micro-batches, aux and z losses on."""
+    for rank, errors in enumerate(run_distributed(_steps_case, 4, tp, ep)):
+        moved = errors.pop("moved")
+        assert moved > 1e-3, f"the experts barely moved ({moved:.1e}): the comparison tests nothing"
+        bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= TOL}
+        assert not bad, f"rank {rank} (tp {tp}, ep {ep}): {bad}"
