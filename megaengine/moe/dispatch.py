@@ -60,8 +60,9 @@ class AllToAllDispatcher(Dispatcher):
         # Everyone learns every rank's per-expert counts: the split sizes of both all-to-alls.
         matrix = counts.new_empty(n * self.num_experts)
         comm.all_gather_into_tensor(matrix, counts, self.group)
-        mine = matrix.view(n, self.num_experts)[:, self.rank * local:(self.rank + 1) * local]  # (source rank, local expert)
-        send, recv = counts.view(n, local).sum(1).tolist(), mine.sum(1).tolist()
+        # (source rank, local expert): what each rank sends to this one's experts.
+        mine = matrix.view(n, self.num_experts)[:, self.rank * local:(self.rank + 1) * local]
+        send, recv = torch.stack([counts.view(n, local).sum(1), mine.sum(1)]).tolist()  # one host sync
         arrived = comm.all_to_all_rows(rows, recv, send, self.group)  # by source rank, then by expert
         expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(n), mine.flatten(),
                                                 output_size=arrived.shape[0])

@@ -229,8 +229,12 @@ def _steps_case(rank, world, tp, ep):
     _, edp_group = new_expert_groups(dp, 1, tp, ep)
     alone = single_rank_groups()
     moe = MoEConfig(num_experts=EXPERTS, moe_router_topk=TOPK, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=ZLOSS)
-    make = lambda sp, tpg, epg: MoEMLP(GPTConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_layers=2, swiglu=True,  # noqa: E731
-                                                 sequence_parallel=sp, init_seed=3), moe, "layers.0.mlp", tpg, epg)
+
+    def make(sp, tpg, epg):
+        config = GPTConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_layers=2, swiglu=True, sequence_parallel=sp,
+                           init_seed=3)
+        return MoEMLP(config, moe, "layers.0.mlp", tpg, epg)
+
     ours, reference = make(tp > 1, tp_group, ep_group), make(False, alone, alone)
 
     def reduce_grads():
