@@ -20,6 +20,7 @@ from torch import nn
 
 from megaengine.moe.config import MoEConfig, expert_capacity
 from megaengine.parallel import comm
+from megaengine.tensor_parallel.layers import replicated_param
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, with_losses: bool = True) -> Routing:
         moe, k = self.moe, self.moe.moe_router_topk
-        weight = comm.copy_to_tp_region(self.weight, self.tp_group) if self.sequence_parallel else self.weight
+        weight = replicated_param(self.weight, self.tp_group, self.sequence_parallel)  # sums its grad over tp
         logits = F.linear(x.float(), weight.float())
         probs, weights, experts = topk_softmax(logits, k)
         # The micro-batch's tokens: under sequence parallelism this rank routes 1/tp of them.
