@@ -130,6 +130,12 @@ def test_bad_input_names_the_flag(kwargs, layout, flags):
         assert flag in str(err.value), str(err.value)
 
 
+def test_ep_without_experts():
+    check_moe(None, num_layers=4)
+    with pytest.raises(ConfigError, match=r"--expert-model-parallel-size \(--ep\)=2 needs experts"):
+        check_moe(None, num_layers=4, ep=2, dp=2)
+
+
 def test_good_layouts_pass_and_presets_parse():
     check_moe(MoEConfig(num_experts=8, moe_router_topk=2), num_layers=4, ep=4, dp=8, tp=2, sequence_parallel=True)
     check_moe(MoEConfig(num_experts=8, moe_layer_freq=(1, 0, 1, 0)), num_layers=4, ep=8, dp=8)

@@ -51,10 +51,16 @@ def moe_layer_pattern(num_layers: int, freq) -> list[bool]:
     return [bool(f) for f in freq]
 
 
-def check_moe(moe: MoEConfig, *, num_layers: int, ep: int = 1, dp: int = 1, tp: int = 1,
+def check_moe(moe: MoEConfig | None, *, num_layers: int, ep: int = 1, dp: int = 1, tp: int = 1,
               sequence_parallel: bool = False, add_bias_linear: bool = False) -> None:
     """Raise a ConfigError naming the flag for MoE settings that cannot be built or laid out. `dp` is the
-    data-parallel size, world / (tp x pp), out of which expert groups of `ep` ranks are carved."""
+    data-parallel size, world / (tp x pp), out of which expert groups of `ep` ranks are carved. `moe` None (a
+    dense model) only checks that no expert parallelism was asked for."""
+    if moe is None:
+        if ep != 1:
+            raise ConfigError(f"--expert-model-parallel-size (--ep)={ep} needs experts: set --num-experts, or "
+                              "drop --ep for a dense model.")
+        return
     e, k = moe.num_experts, moe.moe_router_topk
     if not isinstance(e, int) or e < 1:
         raise ConfigError(f"--num-experts={e!r} must be an integer >= 1.")
