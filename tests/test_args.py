@@ -1,19 +1,18 @@
-"""Flag parsing and validation: every user mistake named with its flag, its value and the fix."""
+"""Flags, preset and DeepSpeed JSON resolved into the Config: every user mistake named with its flag, its value
+and the fix."""
 import json
 
 import pytest
 
 from megaengine.parallel import ConfigError
-from megaengine.training.args import parse_args, validate
+from megaengine.config import resolve
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3"]
 
 
 def check(argv, world=4):
-    args = parse_args(BASE + argv)
-    validate(args, world)
-    return args
+    return resolve(BASE + argv, world)
 
 
 @pytest.mark.parametrize("argv,world,needle", [
@@ -31,7 +30,8 @@ def check(argv, world=4):
      "--seq-length=30 must be divisible by tensor-parallel size 4"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are both set"),
     (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no checkpoint there"),
-    (["--data-path", "foo"], 1, "--data-path needs --tokenizer-model"),
+    # The missing data is the real problem, named before the missing tokenizer (issue 10.2).
+    (["--data-path", "/nonexistent/foo"], 1, "--data-path /nonexistent/foo: /nonexistent/foo.idx not found"),
     (["--tokenizer-model", "/nonexistent/tok.model"], 1, "--tokenizer-model /nonexistent/tok.model: no such file"),
     (["--hidden-dropout", "1.5"], 1, "--hidden-dropout=1.5 must be in [0, 1)"),
     (["--lr-decay-style", "exp"], 1, "invalid choice: 'exp'"),
@@ -51,52 +51,57 @@ def test_bad_input_names_flag_value_and_fix(argv, world, needle):
     assert needle in str(e.value)
 
 
+def test_existing_data_without_tokenizer_asks_for_it(tiny_corpus):
+    prefix, _ = tiny_corpus
+    with pytest.raises(ConfigError, match="--data-path needs --tokenizer-model"):
+        check(["--data-path", prefix], world=1)
+
+
 def test_missing_required_flags_point_to_presets():
     with pytest.raises(ConfigError, match="missing --num-layers.*configs/gpt-tiny.json"):
-        parse_args(["--tp", "2"])
+        resolve(["--tp", "2"])
 
 
 def test_preset_is_overridden_by_flags(tmp_path):
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"num_layers": 7, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
                                   "micro_batch_size": 1, "global_batch_size": 4, "train_iters": 5, "lr": 1e-3}))
-    args = parse_args(["--config", str(preset), "--num-layers", "3"])
-    assert (args.num_layers, args.hidden_size, args.train_iters) == (3, 64, 5)
+    cfg = resolve(["--config", str(preset), "--num-layers", "3"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.train_iters) == (3, 64, 5)
 
 
 def test_preset_typo_suggests_the_key(tmp_path):
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"num_layer": 2}))
     with pytest.raises(ConfigError, match="unknown key 'num_layer'. Did you mean 'num_layers'"):
-        parse_args(["--config", str(preset)])
+        resolve(["--config", str(preset)])
 
 
 def test_preset_bad_json_reports_line_and_column(tmp_path):
     preset = tmp_path / "p.json"
     preset.write_text('{\n  "num_layers": 2,\n  "hidden_size": ,\n}')
     with pytest.raises(ConfigError, match=r"invalid JSON at line 3 column 18"):
-        parse_args(["--config", str(preset)])
+        resolve(["--config", str(preset)])
 
 
 def test_shipped_presets_parse_and_validate():
     import glob
     for path in sorted(glob.glob("configs/*.json")):
-        args = parse_args(["--config", path])
-        validate(args, world_size=1)
+        resolve(["--config", path], world_size=1)
 
 
 def test_good_layout_passes():
-    args = check(["--tp", "2", "--sequence-parallel"], world=4)
-    assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
+    cfg = check(["--tp", "2", "--sequence-parallel"], world=4)
+    assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel
 
 
 def test_shipped_zero_configs_resolve_against_flags():
     import glob
     stages = {}
     for path in sorted(glob.glob("configs/zero/*.json")):
-        args = check(["--zero-config", path], world=2)
-        stages[path] = args.zero.zero_optimization.stage
-        assert args.zero.train_batch_size == 8 and args.zero.gradient_accumulation_steps == 2
+        cfg = check(["--zero-config", path], world=2)
+        stages[path] = cfg.optim.zero.stage
+        assert cfg.train.global_batch_size == 8 and cfg.train.micro_batches(cfg.parallel.dp) == 2
     assert sorted(set(stages.values())) == [0, 1, 2, 3], stages
 
 

@@ -381,8 +381,12 @@ def test_loader_resumes_exactly_and_stops_at_the_end():
 # ------------------------------------------------------------------------------------------ corpus
 
 def test_default_corpus_builds_once_and_is_reused(tmp_path, monkeypatch):
-    cache = str(tmp_path / "cache")
-    prefix, model = ensure_default_corpus(cache, vocab_size=512, max_bytes=200_000)
+    cache, said = str(tmp_path / "cache"), []
+    prefix, model = ensure_default_corpus(cache, vocab_size=512, max_bytes=200_000,
+                                          say=lambda msg, **kw: said.append(msg))
+    # The first run says what the seconds of building are for, before and after (issue 10.5).
+    assert len(said) == 2 and said[0].startswith("first run: building the embedded corpus") and cache in said[0]
+    assert said[1].startswith("built the embedded corpus") and "tokens" in said[1]
     ds, tok = IndexedDataset(prefix), Tokenizer(model)
     sources = corpus_mod.stdlib_sources(200_000)
     assert len(ds) == len(sources) > 3 and tok.vocab_size == 512
@@ -394,7 +398,8 @@ def test_default_corpus_builds_once_and_is_reused(tmp_path, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("the cached corpus should have been reused")
     monkeypatch.setattr(corpus_mod, "build_corpus", no_rebuild)
-    assert ensure_default_corpus(cache, vocab_size=512, max_bytes=200_000) == (prefix, model)
+    assert ensure_default_corpus(cache, vocab_size=512, max_bytes=200_000, say=said.append) == (prefix, model)
+    assert len(said) == 2  # reused: nothing to say
     with pytest.raises(AssertionError, match="reused"):  # other parameters, another corpus
         ensure_default_corpus(cache, vocab_size=600, max_bytes=200_000)
     assert len([d for d in os.listdir(cache) if d.startswith("corpus-")]) == 1  # the failed build left nothing

@@ -121,19 +121,16 @@ def test_torchrun_max_restarts_resumes_after_a_worker_dies(tiny_corpus, tmp_path
 
 def _die_during_save(rank, world, argv):
     """Rank 0 is killed (SIGKILL) in the middle of writing the checkpoint of iteration 6."""
-    from megaengine.training import checkpoint, trainer
-    save = checkpoint.save_training_state
+    from megaengine.checkpoint import manager
+    from megaengine.training import trainer
+    save_file = manager.save_file
 
-    def save_and_die(root, iteration, **kw):
-        if iteration == 6 and rank == 0:
-            torch_save = checkpoint.torch.save
-
-            def killed(obj, path, *a, **k):
-                torch_save(obj, path, *a, **k)
-                os.kill(os.getpid(), signal.SIGKILL)
-            checkpoint.torch.save = killed
-        return save(root, iteration, **kw)
-    checkpoint.save_training_state = save_and_die
+    def save_and_die(path, obj):
+        size = save_file(path, obj)
+        if rank == 0 and "iter_0000006" in path:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return size
+    manager.save_file = save_and_die
     return trainer.main(argv)
 
 

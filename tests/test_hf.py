@@ -2,6 +2,7 @@
 the weight mapping is exactly invertible."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import transformers  # in the dev extra: CI must run these tests, so a missing i
 import megaengine
 from megaengine.models.gpt import GPT, GPTConfig
 from megaengine.parallel import ConfigError, destroy, initialize
-from megaengine.tools import hf
+from megaengine.tools import hf, hf_tokenizer
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=101,
             hidden_dropout=0.0, attention_dropout=0.0)  # 101 tokens: padded to 128
@@ -130,22 +131,91 @@ def test_gpt2_tanh_gelus_map_to_the_tanh_approximation():
         assert loaded.gelu_approximate == "tanh"
 
 
-def test_cli_writes_a_loadable_directory_with_the_tokenizer(tmp_path, monkeypatch):
+def write_checkpoint(root, config: GPTConfig, meta: dict) -> str:
+    """A checkpoint directory holding only meta.json; tests stand in megaengine.load_model for the weights."""
+    from megaengine import checkpoint
+    os.makedirs(checkpoint.iteration_dir(str(root), 5))
+    (root / checkpoint.POINTER).write_text("5")
+    with open(os.path.join(checkpoint.iteration_dir(str(root), 5), "meta.json"), "w") as f:
+        json.dump({"iteration": 5, "model": config.to_dict(), **meta}, f)
+    return str(root)
+
+
+def greedy(model: GPT, ids: list[int], steps: int, eod: int) -> list[int]:
+    for _ in range(steps):
+        ids = ids + [int(model.full_logits(torch.tensor([ids]))[0, -1].argmax())]
+        if ids[-1] == eod:
+            break
+    return ids
+
+
+def test_cli_writes_a_directory_transformers_generates_with(tiny_corpus, tmp_path, monkeypatch):
+    from megaengine.data import Tokenizer
     from megaengine.tools import export_hf
-    from megaengine.training import checkpoint
+    _, tokenizer_model = tiny_corpus
+    ours = Tokenizer(tokenizer_model)
+    config = replace(CONFIGS["llama-gqa"], vocab_size=ours.vocab_size)
+    model = build(config)
+    # Checkpoints record the tokenizer the run used at the top level of meta.json (the embedded corpus's too).
+    ckpt = write_checkpoint(tmp_path / "ckpt", config, {"tokenizer_model": tokenizer_model, "args": {}})
+    monkeypatch.setattr(megaengine, "load_model", lambda path, device="cpu": model, raising=False)
+    out = str(tmp_path / "hf")
+    export_hf.main(["--load", ckpt, "--output", out])
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                                       "tokenizer_config.json"]
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "def main(argv):\n\treturn  0\r\n"
+    assert theirs(text)["input_ids"] == ours.encode(text)
+    # The pipeline's greedy continuation is megaengine's, token for token, stopping at the end of document.
+    prompt = "def main("
+    expected = greedy(model, ours.encode(prompt), 6, ours.eod)
+    generate = transformers.pipeline("text-generation", model=out, device="cpu")
+    result = generate(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert result == prompt + ours.decode(expected[len(ours.encode(prompt)):])
+    assert len(result) > len(prompt)
+    assert hf_tokenizer.hf_tokenizer_model(out, vocab_size=config.vocab_size) == os.path.join(out, "tokenizer.model")
+
+
+def test_cli_weights_only_in_another_dtype(tmp_path, monkeypatch):
+    from megaengine.tools import export_hf
     config = CONFIGS["llama-gqa"]
     model = build(config)
-    ckpt, tokenizer = tmp_path / "ckpt", tmp_path / "tok.model"
-    tokenizer.write_bytes(b"sentencepiece bytes")
-    os.makedirs(checkpoint.iteration_dir(str(ckpt), 5))
-    (ckpt / checkpoint.POINTER).write_text("5")
-    with open(os.path.join(checkpoint.iteration_dir(str(ckpt), 5), "meta.json"), "w") as f:
-        json.dump({"iteration": 5, "model": config.to_dict(), "args": {"tokenizer_model": str(tokenizer)}}, f)
+    ckpt = write_checkpoint(tmp_path / "ckpt", config, {"args": {"data_path": ["x"], "tokenizer_model": None}})
     monkeypatch.setattr(megaengine, "load_model", lambda path, device="cpu": model, raising=False)
     out = tmp_path / "hf"
-    export_hf.main(["--load", str(ckpt), "--output", str(out), "--dtype", "bfloat16"])
-    assert (out / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    with pytest.raises(ConfigError, match="records no tokenizer; pass --tokenizer-model PATH"):
+        export_hf.main(["--load", ckpt, "--output", str(out)])
+    export_hf.main(["--load", ckpt, "--output", str(out), "--dtype", "bfloat16", "--no-tokenizer"])
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     assert theirs.model.embed_tokens.weight.dtype == torch.bfloat16
     expected = model.word_embeddings.weight[: config.vocab_size].to(torch.bfloat16)
     assert torch.equal(theirs.model.embed_tokens.weight, expected)
+
+
+def test_cli_refuses_a_tokenizer_that_is_gone_or_not_the_models(tiny_corpus, tmp_path, monkeypatch):
+    from megaengine.tools import export_hf
+    config = CONFIGS["llama-gqa"]  # 101 tokens; the tiny corpus's tokenizer has 512
+    monkeypatch.setattr(megaengine, "load_model", lambda path, device="cpu": build(config), raising=False)
+    gone = write_checkpoint(tmp_path / "gone", config, {"tokenizer_model": str(tmp_path / "deleted.model")})
+    with pytest.raises(ConfigError, match="deleted.model no longer exists"):
+        export_hf.main(["--load", gone, "--output", str(tmp_path / "out")])
+    other = write_checkpoint(tmp_path / "other", config, {"args": {"tokenizer_model": tiny_corpus[1]}})
+    with pytest.raises(ConfigError, match="has 512 pieces but the model's vocabulary is 101"):
+        export_hf.main(["--load", other, "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_tokenizer_reads_new_and_old_metadata(monkeypatch):
+    from megaengine.tools.export_hf import checkpoint_tokenizer
+    assert checkpoint_tokenizer({"tokenizer_model": "/new.model", "args": {"tokenizer_model": None}}) == "/new.model"
+    assert checkpoint_tokenizer({"args": {"tokenizer_model": "/old.model", "data_path": ["d"]}}) == "/old.model"
+    assert checkpoint_tokenizer({"args": {"tokenizer_model": None, "data_path": ["d"]}}) is None
+    calls = []
+    monkeypatch.setattr("megaengine.data.ensure_default_corpus",
+                        lambda cache_dir, vocab_size: calls.append((cache_dir, vocab_size)) or ("p", "/cache/t.model"))
+    # Older runs on the embedded corpus recorded no path: the same cache lookup as training finds it.
+    embedded = {"args": {"tokenizer_model": None, "data_path": None, "data_cache_dir": "/c", "vocab_size": 512}}
+    assert checkpoint_tokenizer(embedded) == "/cache/t.model"
+    assert calls == [("/c", 512)]

@@ -24,7 +24,8 @@ def test_readme_main_job_trains_on_embedded_corpus(tmp_path):
     assert len(lines) == 4, out.stdout
     losses = [float(line.split("| loss ")[1].split()[0]) for line in lines]
     assert losses[-1] < losses[0] - 0.5, losses
-    assert "validation at iter 20" in out.stdout and "sample:" in out.stdout
+    assert "validation at iter 20" in out.stdout and "sample (prompt 'def main(', 8 tokens):\ndef main(" in out.stdout
+    assert out.stdout.count("first run: building the embedded corpus") == 1  # the seconds of silence, explained
 
 
 def test_bad_layout_reported_once_from_rank0_without_traceback():
@@ -46,7 +47,7 @@ def test_headline_command_tp4_pp2_on_8_processes(tmp_path):
                    "--log-interval", "1", "--eval-iters", "0", "--sample-tokens", "4",
                    "--metrics-file", str(tmp_path / "m.jsonl"), env={"MEGAENGINE_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "tp 4 pp 2 dp 1" in out.stdout and "sample:" in out.stdout
+    assert "tp 4 pp 2 dp 1" in out.stdout and "sample (prompt 'def main('" in out.stdout
     assert len(losses_of(tmp_path / "m.jsonl")) == 4
 
 

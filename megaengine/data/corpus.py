@@ -98,11 +98,12 @@ def build_corpus(out_dir: str, texts: list[str], vocab_size: int) -> dict:
 
 
 def ensure_default_corpus(cache_dir: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, group=None,
-                          max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, str]:
+                          max_bytes: int = DEFAULT_MAX_BYTES, say=None) -> tuple[str, str]:
     """(data prefix, tokenizer model path) of the stdlib corpus, built on first use into the cache.
 
     One rank (global rank 0 of `group`, or of the world) builds while the others wait on a barrier, so every
-    rank of `group` must call this. `cache_dir` defaults to $MEGAENGINE_CACHE or ~/.cache/megaengine.
+    rank of `group` must call this. `cache_dir` defaults to $MEGAENGINE_CACHE or ~/.cache/megaengine. `say`
+    (e.g. print on rank 0) is told what the first run is doing while it builds, and what it built.
     """
     root = stdlib_root()
     paths = stdlib_sources(max_bytes, root)
@@ -110,5 +111,14 @@ def ensure_default_corpus(cache_dir: str | None = None, vocab_size: int = DEFAUL
         raise ConfigError(f"no Python sources under {root} to build the default corpus from; pass --data-path.")
     cache_root = cache_dir or default_cache_root()
     where = os.path.join(cache_root, f"corpus-{corpus_key(paths, root, vocab_size, max_bytes)}")
-    build_once(where, lambda tmp: build_corpus(tmp, read_sources(paths), vocab_size), group)
+    say = say or (lambda *a, **k: None)
+
+    def build(tmp):
+        say(f"first run: building the embedded corpus from {len(paths)} files of the standard library "
+            f"({root}): training a {vocab_size}-token sentencepiece tokenizer, then writing a .bin/.idx dataset "
+            f"into {where} (about 10 s; later runs reuse it)", flush=True)
+        info = build_corpus(tmp, read_sources(paths), vocab_size)
+        say(f"built the embedded corpus: {info['documents']} documents, {info['tokens']:,} tokens, in "
+            f"{info['tokenizer_seconds'] + info['encode_seconds']:.1f} s", flush=True)
+    build_once(where, build, group)
     return os.path.join(where, DATA_NAME), os.path.join(where, TOKENIZER_NAME + ".model")

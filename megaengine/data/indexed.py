@@ -34,6 +34,13 @@ _PREFIX_HINT = ("--data-path takes the prefix of a <prefix>.bin/<prefix>.idx pai
                 "as written by megaengine.data.preprocess or Megatron's tools/preprocess_data.py")
 
 
+def check_prefix(prefix: str) -> None:
+    """Refuse a --data-path prefix whose .bin or .idx file is missing, naming the file."""
+    for path in (idx_path(prefix), bin_path(prefix)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"--data-path {prefix}: {path} not found. {_PREFIX_HINT}.")
+
+
 def optimal_dtype(vocab_size: int) -> type:
     """The token dtype Megatron picks for a vocabulary: uint16 below 65500 entries, int32 above."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
@@ -151,9 +158,7 @@ class IndexedDataset:
     def __init__(self, prefix: str):
         self.prefix = os.fspath(prefix)
         idx, data = idx_path(self.prefix), bin_path(self.prefix)
-        for path in (idx, data):
-            if not os.path.isfile(path):
-                raise ConfigError(f"{path} not found. {_PREFIX_HINT}.")
+        check_prefix(prefix)
         self.dtype, sequences, documents = _read_header(idx)
         self._check_idx_size(idx, sequences, documents)
         self.sequence_lengths = _mapped(idx, np.int32, HEADER_BYTES, sequences)

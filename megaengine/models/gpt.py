@@ -20,10 +20,11 @@ from torch import nn
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
-from megaengine.tensor_parallel.layers import mark_tensor_parallel, resolve_group
+from megaengine.parallel.params import mark_tensor_parallel, set_param_info
+from megaengine.tensor_parallel.layers import resolve_group
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     num_layers: int = 2
     hidden_size: int = 64
@@ -52,12 +53,14 @@ class GPTConfig:
     init_seed: int = 1234
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
-    def __post_init__(self):
-        self.max_position_embeddings = self.max_position_embeddings or self.seq_length
-        self.ffn_hidden_size = self.ffn_hidden_size or 4 * self.hidden_size
-        self.num_query_groups = self.num_query_groups or self.num_attention_heads
+    def __post_init__(self):  # fill the derived defaults once; the config is frozen after this
+        derived = {"max_position_embeddings": self.max_position_embeddings or self.seq_length,
+                   "ffn_hidden_size": self.ffn_hidden_size or 4 * self.hidden_size,
+                   "num_query_groups": self.num_query_groups or self.num_attention_heads}
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads == 0:
-            self.kv_channels = self.hidden_size // self.num_attention_heads
+            derived["kv_channels"] = self.hidden_size // self.num_attention_heads
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -288,8 +291,9 @@ class GPT(nn.Module):
             self.word_embeddings = VocabParallelEmbedding(
                 self.vocab_size, h, group, sequence_parallel=sp and not self.learned_positions,
                 init_method=seeded_init(seed, "word_embeddings", std, config.vocab_size))
+            set_param_info(self.word_embeddings.weight, tp_unpadded=config.vocab_size)
             if not post_process and not config.untie_embeddings_and_output_weights:
-                self.word_embeddings.weight.shared_embedding = True  # its twin lives on the last stage
+                set_param_info(self.word_embeddings.weight, tied="embedding")  # its twin lives on the last stage
             if self.learned_positions:
                 self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
                 seeded_init(seed, "position_embeddings", std)(self.position_embeddings.weight.data)
@@ -299,14 +303,15 @@ class GPT(nn.Module):
             if config.untie_embeddings_and_output_weights:
                 self.output_layer = ColumnParallelLinear(h, self.vocab_size, bias=False, sequence_parallel=sp,
                                                          group=group, init_method=seeded_init(seed, "output_layer", std, config.vocab_size))
+                set_param_info(self.output_layer.weight, tp_unpadded=config.vocab_size)
             elif not pre_process:
                 # Tied weights on another stage: a second copy of the word embedding, initialised equal and kept
                 # equal by summing both copies' gradients over the embedding group.
                 full = torch.empty(self.vocab_size, h)
                 seeded_init(seed, "word_embeddings", std, config.vocab_size)(full)
                 self.output_weight = nn.Parameter(full.chunk(self.tp_size)[dist.get_rank(group)].clone())
-                mark_tensor_parallel(self.output_weight, 0)
-                self.output_weight.shared_embedding_copy = True
+                mark_tensor_parallel(self.output_weight, 0, unpadded=config.vocab_size)
+                set_param_info(self.output_weight, tied="copy")
 
     def global_name(self, name: str) -> str:
         """The name a parameter of this stage has in the whole model: `layers.{i}` counts from this
@@ -410,19 +415,42 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 40,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations (single pipeline stage only). Every tp rank draws the same tokens."""
+        """Sample continuations (single pipeline stage; see `generate` for pipelines). Every tp rank draws the
+        same tokens."""
         was_training = self.training
         self.eval()
-        for _ in range(new_tokens):
-            context = ids[:, -self.config.seq_length:]
-            if self.config.sequence_parallel and context.shape[1] % self.tp_size:
-                context = context[:, context.shape[1] % self.tp_size:]
-            logits = self.full_logits(context)[:, -1].float() / temperature
-            top = logits.topk(min(top_k, logits.shape[-1]))
-            probs = torch.zeros_like(logits).scatter_(-1, top.indices, top.values.softmax(-1))
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        ids = generate(lambda context: self.full_logits(context)[:, -1], ids, new_tokens,
+                       seq_length=self.config.seq_length, multiple_of=self.tp_size if self.config.sequence_parallel
+                       else 1, temperature=temperature, top_k=top_k, generator=generator)
         self.train(was_training)
         return ids
+
+
+@torch.no_grad()
+def generate(last_logits, ids: torch.Tensor, new_tokens: int, *, seq_length: int, multiple_of: int = 1,
+             temperature: float = 0.8, top_k: int = 40, generator: torch.Generator | None = None,
+             share=None) -> torch.Tensor:
+    """Sample `new_tokens` tokens after `ids` (batch, n), one at a time, with temperature and top-k.
+
+    `last_logits(context)` returns the (batch, vocab) logits of the context's last position, or None on a rank
+    that does not hold them (a pipeline stage before the last); `share(token)` then hands every rank the token
+    the holder drew. The context is the last `seq_length` tokens, cut to a multiple of `multiple_of` (sequence
+    shards must divide evenly).
+    """
+    for _ in range(new_tokens):
+        context = ids[:, -seq_length:]
+        context = context[:, context.shape[1] % multiple_of:]
+        logits = last_logits(context)
+        token = torch.zeros((ids.shape[0], 1), dtype=torch.long, device=ids.device)
+        if logits is not None:
+            logits = logits.float() / temperature
+            top = logits.topk(min(top_k, logits.shape[-1]))
+            probs = torch.zeros_like(logits).scatter_(-1, top.indices, top.values.softmax(-1))
+            token = torch.multinomial(probs, 1, generator=generator)
+        if share is not None:
+            share(token)
+        ids = torch.cat([ids, token], dim=1)
+    return ids
 
 
 def count_parameters(config: GPTConfig, tp: int = 1) -> dict:

@@ -103,35 +103,35 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
 # ---------------------------------------------------------------------------------------------------------
 # Tensor-parallel building blocks. Shapes along `dim` must divide by the group size.
 
+def _along_dim(x: torch.Tensor, group, dim: int, rows, collective) -> torch.Tensor:
+    """Run a dim-0 collective on `x` along `dim`: the output has rows(x.shape[dim]) entries there."""
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((rows(x.shape[0]),) + tuple(x.shape[1:]))
+    collective(out, x, group)
+    return out.movedim(0, dim)
+
+
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = _size(group)
-    if n == 1:
-        return x
-    x = x.movedim(dim, 0).contiguous()
-    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
-    all_gather_into_tensor(out, x, group)
-    return out.movedim(0, dim)
+    return x if n == 1 else _along_dim(x, group, dim, lambda r: n * r, all_gather_into_tensor)
+
+
+def _shards(x: torch.Tensor, group, dim: int) -> int:
+    """The group size, which must divide x's size along `dim`."""
+    n = _size(group)
+    if n > 1 and x.shape[dim] % n:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {n}")
+    return n
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    n = _size(group)
-    if n == 1:
-        return x
-    x = x.movedim(dim, 0).contiguous()
-    if x.shape[0] % n:
-        raise ValueError(f"dimension {dim} of size {x.shape[0]} is not divisible by the group size {n}")
-    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
-    reduce_scatter_tensor(out, x, group)
-    return out.movedim(0, dim)
+    n = _shards(x, group, dim)
+    return x if n == 1 else _along_dim(x, group, dim, lambda r: r // n, reduce_scatter_tensor)
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    n = _size(group)
-    if n == 1:
-        return x
-    if x.shape[dim] % n:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {n}")
-    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+    n = _shards(x, group, dim)
+    return x if n == 1 else x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:

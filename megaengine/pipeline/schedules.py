@@ -125,6 +125,20 @@ def _interleaved(p: int, m: int, rank: int, v: int) -> list[list[Action]]:
 _BATCH_ORDER = {"SEND_F": 0, "SEND_B": 1, "RECV_F": 2, "RECV_B": 3}
 
 
+def _transfers(step: list[Action], rank: int, p: int, virtual_stages: int, incoming: bool) -> list[Action]:
+    """The receives a step needs before it (`incoming`), or the sends of what it produced: activations cross a
+    stage boundary forward (F), gradients backward (B, BW)."""
+    out, prefix = [], "RECV" if incoming else "SEND"
+    for a in step:
+        first, last = is_first(rank, a.chunk), is_last(rank, a.chunk, p, virtual_stages)
+        forward_edge, backward_edge = (not first, not last) if incoming else (not last, not first)
+        if a.kind == "F" and forward_edge:
+            out.append(Action(f"{prefix}_F", a.microbatch, a.chunk))
+        if a.kind in ("B", "BW") and backward_edge:
+            out.append(Action(f"{prefix}_B", a.microbatch, a.chunk))
+    return out
+
+
 def add_communication(steps: list[list[list[Action]]], virtual_stages: int = 1) -> list[list[Action]]:
     """Flatten each rank's steps, with one batch between steps: the sends of what the step before produced
     and the receives of what the step after consumes. Within a batch the order is fixed (sends F, B, then
@@ -134,21 +148,9 @@ def add_communication(steps: list[list[list[Action]]], virtual_stages: int = 1) 
     for rank, rank_steps in enumerate(steps):
         seq, sends = [], []
         for step in rank_steps:
-            recvs = []
-            for a in step:
-                first, last = is_first(rank, a.chunk), is_last(rank, a.chunk, p, virtual_stages)
-                if a.kind == "F" and not first:
-                    recvs.append(Action("RECV_F", a.microbatch, a.chunk))
-                if a.kind in ("B", "BW") and not last:
-                    recvs.append(Action("RECV_B", a.microbatch, a.chunk))
+            recvs = _transfers(step, rank, p, virtual_stages, incoming=True)
             seq += sorted(sends + recvs, key=lambda a: _BATCH_ORDER[a.kind]) + step
-            sends = []
-            for a in step:
-                first, last = is_first(rank, a.chunk), is_last(rank, a.chunk, p, virtual_stages)
-                if a.kind == "F" and not last:
-                    sends.append(Action("SEND_F", a.microbatch, a.chunk))
-                if a.kind in ("B", "BW") and not first:
-                    sends.append(Action("SEND_B", a.microbatch, a.chunk))
+            sends = _transfers(step, rank, p, virtual_stages, incoming=False)
         out.append(seq + sorted(sends, key=lambda a: _BATCH_ORDER[a.kind]))
     return out
 

@@ -2,8 +2,8 @@
 
 Each layer takes its tp group (None: the initialised one). Weights are created whole by `init_method` and
 sliced, so a shard is exactly the piece of the weight that the same seed creates at tp=1 and every layout is
-comparable with the single-process model. Shards carry `tensor_parallel = True` and `partition_dim`, which
-gradient clipping and checkpoints read.
+comparable with the single-process model. Each shard's split is recorded in its `ParamInfo`
+(megaengine.parallel.params), which gradient clipping, ZeRO and checkpoints read.
 
 Sequence parallelism (Korthikanti et al. 2022): activations outside these layers are split along dim 0 (the
 sequence, layout (seq, batch, hidden)); the column layer all-gathers them, the row layer reduce-scatters.
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaengine.parallel import comm
+from megaengine.parallel.params import mark_tensor_parallel, param_info
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -44,16 +45,11 @@ def shard_rows(full: torch.Tensor, rank: int, size: int, segments: Sequence[int]
 
 def take_shard(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """The piece of a full tensor that `param` (a shard marked by its layer) holds on tp rank `rank`."""
-    if not getattr(param, "tensor_parallel", False):
+    info = param_info(param)
+    if not info.tensor_parallel:
         return full
-    dim = param.partition_dim
-    return shard_rows(full.movedim(dim, 0), rank, size, param.partition_segments).movedim(0, dim)
-
-
-def mark_tensor_parallel(param: nn.Parameter, dim: int, segments: Sequence[int] | None = None) -> None:
-    param.tensor_parallel = True
-    param.partition_dim = dim
-    param.partition_segments = tuple(segments) if segments else None
+    dim = info.tp_dim
+    return shard_rows(full.movedim(dim, 0), rank, size, info.tp_segments).movedim(0, dim)
 
 
 def _create(shape, init_method: InitMethod, dtype, device) -> torch.Tensor:

@@ -82,10 +82,10 @@ def describe(meta: dict, path: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from megaengine.training.checkpoint import PieceReader, iteration_dir, load_meta
+        from megaengine.checkpoint import PieceReader, checkpoint_dir, load_meta
         root, iteration = resolve(args.dir)
         iteration, meta = load_meta(root, iteration)
-        path = iteration_dir(root, iteration)
+        path = checkpoint_dir(root, iteration)
         print("\n".join(describe(meta, path)))
         if args.verify:
             import torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from dataclasses import replace
 
 import torch
@@ -335,8 +334,10 @@ def load_hf(path: str, base: GPTConfig | None = None) -> tuple[GPTConfig, dict[s
 
 def export(model_or_state: nn.Module | dict, config: GPTConfig | None, output_dir: str, *,
            dtype: torch.dtype | None = None, tokenizer_model: str | None = None) -> list[str]:
-    """Write config.json and model.safetensors (plus tokenizer.model when given) that
-    transformers' AutoModelForCausalLM.from_pretrained(output_dir) loads. Returns the paths written."""
+    """Write config.json and model.safetensors that transformers' AutoModelForCausalLM.from_pretrained(output_dir)
+    loads, plus, given the run's sentencepiece `tokenizer_model`, the tokenizer files AutoTokenizer loads
+    (megaengine.tools.hf_tokenizer) and a generation_config.json that stops at the end-of-document id.
+    Returns the paths written."""
     if isinstance(model_or_state, GPT):
         check_whole_model(model_or_state)
         config = config or model_or_state.config
@@ -346,15 +347,25 @@ def export(model_or_state: nn.Module | dict, config: GPTConfig | None, output_di
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     hf_cfg, hf_state = to_hf(config, state)
+    paths = []
+    if tokenizer_model:  # first: a tokenizer that does not fit the model fails before anything is written
+        from megaengine.tools.hf_tokenizer import save_hf_tokenizer, special_ids
+        paths += save_hf_tokenizer(tokenizer_model, output_dir, model_max_length=config.max_position_embeddings,
+                                   vocab_size=config.vocab_size)
+        ids = special_ids(tokenizer_model)
+        hf_cfg.update(bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"))
+        paths.append(_write_json(os.path.join(output_dir, "generation_config.json"), ids))
     os.makedirs(output_dir, exist_ok=True)
-    paths = [os.path.join(output_dir, "config.json"), os.path.join(output_dir, "model.safetensors")]
-    with open(paths[0], "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    _safetensors().save_file(hf_state, paths[1], metadata={"format": "pt"})
-    if tokenizer_model:
-        paths.append(os.path.join(output_dir, "tokenizer.model"))
-        shutil.copyfile(tokenizer_model, paths[-1])
+    paths.append(_write_json(os.path.join(output_dir, "config.json"), hf_cfg))
+    paths.append(os.path.join(output_dir, "model.safetensors"))
+    _safetensors().save_file(hf_state, paths[-1], metadata={"format": "pt"})
     return paths
+
+
+def _write_json(path: str, content: dict) -> str:
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+    return path
 
 
 def check_whole_model(model: GPT) -> None:

@@ -1,12 +1,15 @@
-"""The training loop behind pretrain_gpt.py: flags -> mesh -> data -> model -> optimizer -> steps.
+"""The training loop behind pretrain_gpt.py: config -> mesh -> data -> model -> optimizer -> steps.
 
-`main(argv)` is the entry point: it turns every user mistake into one message from rank 0 and a non-zero
-exit. `train(args)` runs the loop; `train_step` does one optimizer step over the iteration's micro-batches.
+`main(argv)` is the entry point: it resolves the flags into a Config and turns every user mistake into one
+message from rank 0 and a non-zero exit. `train(cfg)` is the loop, reading top to bottom; `train_step` does
+one optimizer step's forward and backward over the iteration's micro-batches. The small helpers below it own
+one decision each: the loss window, skipped steps, saving, the exit signal, evaluation, sampling.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -16,11 +19,23 @@ import torch
 import torch.distributed as dist
 
 from megaengine import parallel
-from megaengine.parallel import ConfigError, comm
-from megaengine.training import checkpoint
-from megaengine.training.args import model_config, parse_args, pipeline_schedule, validate, virtual_stages
-from megaengine.training.lr_schedule import learning_rate
+from megaengine.checkpoint import Checkpointer, Layout, latest_tag
+from megaengine.config import Config, resolve, same_file
+from megaengine.data import MicroBatchLoader, Tokenizer, build_datasets, ensure_default_corpus
+from megaengine.errors import ConfigError
+from megaengine.models import GPT, count_parameters
+from megaengine.models.gpt import generate
+from megaengine.parallel import comm
+from megaengine.parallel.mesh import reseed, rng_state, set_rng_state
+from megaengine.pipeline import schedules
+from megaengine.pipeline.executor import forward_only, run_pipeline
+from megaengine.pipeline.partition import layer_ranges
+from megaengine.tools.hf import ARCHITECTURE_KEYS, load_hf
+from megaengine.training.lr_schedule import lr_schedule
 from megaengine.training.metrics import ProgressLogger, device_peak_tflops, flops_per_token
+from megaengine.zero.optimizer import ZeroOptimizer
+
+SAMPLE_PROMPT = "def main("
 
 
 class TrainingStopped(RuntimeError):
@@ -52,9 +67,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        args = parse_args(argv)
-        validate(args, world)
-        train(args)
+        train(resolve(argv, world))
     except (ConfigError, TrainingStopped) as e:
         # Every rank reaches the same verdict from the same flags, files and reduced numbers; only rank 0 speaks.
         if rank == 0:
@@ -68,62 +81,111 @@ def main(argv=None) -> int:
     return 0
 
 
-class ExitSignal:
-    """SIGTERM (SLURM's warning before preemption) sets a flag; the loop agrees on it across ranks once per
-    iteration, saves and exits cleanly. Megatron's --exit-signal-handler."""
+def train(cfg: Config) -> None:
+    p = cfg.parallel
+    state = parallel.initialize(p.tp, p.pp, backend=p.backend, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
+    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    say(cfg.summary(), flush=True)
+    data = build_data(cfg, state, say)
+    chunks = build_model_chunks(cfg, state)
+    if cfg.checkpoint.load_hf:
+        load_hf_weights(chunks, cfg.checkpoint.load_hf, cfg.model)
+    optimizer = build_optimizer(chunks, cfg, state)  # its fp32 masters start from the weights loaded above
+    plan = plan_pipeline(cfg, state)
+    loader = MicroBatchLoader(data.train, cfg.train.micro_batch_size, state.dp_rank, state.dp_size)
+    checkpoints = TrainingCheckpoints(cfg, state, chunks, optimizer, loader, data.tokenizer.model_path)
+    iteration = checkpoints.resume(say)
+    logger = progress_logger(cfg, state)
+    say(f"megaengine: {count_parameters(cfg.model, state.tp_size)['total'] / 1e6:.2f}M parameters | tp {state.tp_size} "
+        f"pp {state.pp_size} dp {state.dp_size} | {state.device}", flush=True)
+    lr_at, window, skips = lr_schedule(cfg.optim), LossWindow(cfg, state), SkipGuard(cfg)
+    exit_signal, minutes = ExitSignal(cfg.train.exit_signal_handler), p.timeout_minutes
+    for c in chunks:
+        c.train()
+    while iteration < cfg.train.train_iters:
+        lr, start = lr_at(iteration), time.monotonic()
+        with watch("forward, backward and gradient reduction", iteration + 1, state, minutes):
+            batches = next_batches(loader, cfg.train.micro_batches(state.dp_size), state.device, cfg.model.vocab_size)
+            loss = train_step(chunks, optimizer, batches, plan, state)
+        with watch("the optimizer step", iteration + 1, state, minutes):
+            grad_norm, skipped = optimizer.step(lr)
+        iteration += 1
+        window.add(loss, time.monotonic() - start, skipped)
+        skips.record(skipped, iteration, grad_norm, optimizer.loss_scale, say)
+        if window.due(iteration):
+            with watch("loss logging", iteration, state, minutes):
+                logger.log(iteration, lr=lr, grad_norm=grad_norm, **window.flush())
+        skips.stop_if_too_many(iteration)
+        if evaluation_due(cfg, iteration) and data.valid is not None:
+            with watch("evaluation", iteration, state, minutes):
+                logger.log_eval(iteration, evaluate(chunks, data.valid, cfg, state, plan))
+        with watch("the exit-signal check", iteration, state, minutes):
+            signalled = exit_signal.any_rank(state.device)
+        exiting = signalled or bool(cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0)
+        if save_due(cfg, iteration, exiting, skips.consecutive):
+            with watch("the checkpoint save", iteration, state, minutes):
+                checkpoints.save(iteration)
+        if exiting:
+            say(f"exiting at iteration {iteration} ("
+                f"{'SIGTERM received' if signalled else f'--exit-interval {cfg.train.exit_interval}'})", flush=True)
+            break
+    logger.close()
+    if not exit_signal.received:
+        with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
+            sample_text(chunks, data.tokenizer, cfg, state, say)
+    checkpoints.wait()  # the last background save completes before the process group goes away
 
-    def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            import signal
-            signal.signal(signal.SIGTERM, self._on_signal)
 
-    def _on_signal(self, signum, frame):
-        self.received = True
-
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor([float(self.received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
+# ---- building the run --------------------------------------------------------------------------------------
 
 @dataclass
 class Data:
-    tokenizer: object
+    tokenizer: Tokenizer
     train: object
     valid: object | None
 
 
-def build_data(args, state) -> Data:
-    from megaengine.data import Tokenizer, build_datasets, ensure_default_corpus
-    if args.data_path:
-        data_path, tokenizer_path = args.data_path, args.tokenizer_model
+def build_data(cfg: Config, state, say=print) -> Data:
+    d, t = cfg.data, cfg.train
+    if d.data_path:
+        data_path, tokenizer_path = list(d.data_path), d.tokenizer_model
     else:
-        prefix, tokenizer_path = ensure_default_corpus(cache_dir=args.data_cache_dir, vocab_size=args.vocab_size)
+        prefix, tokenizer_path = ensure_default_corpus(cache_dir=d.cache_dir, vocab_size=d.vocab_size, say=say)
         data_path = [prefix]
     tokenizer = Tokenizer(tokenizer_path)
-    glob = args.global_batch_size
-    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters * glob
-    train, valid, _ = build_datasets(data_path, args.split, args.seq_length, args.seed,
-                                     num_samples=(args.train_iters * glob, evals, args.eval_iters * glob))
-    if train is None:
-        raise ConfigError(f"--split {args.split} leaves no training data.")
-    return Data(tokenizer, train, valid)
+    hf_dir = cfg.checkpoint.load_hf
+    if hf_dir and not d.data_path and os.path.exists(os.path.join(hf_dir, "tokenizer.model")) and not same_file(
+            os.path.join(hf_dir, "tokenizer.model"), tokenizer_path):
+        raise ConfigError(f"--load-hf {hf_dir} brings its own tokenizer, not the embedded corpus's "
+                          f"({tokenizer_path}): its ids would mean other text. Encode data with "
+                          f"{os.path.join(hf_dir, 'tokenizer.model')} (python -m megaengine.data.preprocess) and "
+                          "pass it as --data-path.")
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, the model was "
+                          f"configured for {cfg.model.vocab_size}.")
+    glob, evals = t.global_batch_size, cfg.logging.eval_iters
+    eval_samples = (t.train_iters // cfg.logging.eval_interval + 1) * evals * glob
+    train_set, valid, _ = build_datasets(data_path, d.split, cfg.model.seq_length, t.seed,
+                                         num_samples=(t.train_iters * glob, eval_samples, evals * glob))
+    if train_set is None:
+        raise ConfigError(f"--split {d.split} leaves no training data.")
+    if d.data_path:
+        check_token_range(train_set, tokenizer.vocab_size, d.tokenizer_model)
+    return Data(tokenizer, train_set, valid)
 
 
-def check_token_range(dataset, vocab_size: int, args) -> None:
+def check_token_range(dataset, vocab_size: int, tokenizer_model: str) -> None:
     """Data encoded with a larger vocabulary than the model's would index past the embedding."""
     n = min(len(dataset), 64)
     top = max(int(np.max(dataset[i])) for i in range(n)) if n else -1
     if top >= vocab_size:
-        raise ConfigError(f"--data-path holds token id {top} but the tokenizer ({args.tokenizer_model}) has only "
+        raise ConfigError(f"--data-path holds token id {top} but the tokenizer ({tokenizer_model}) has only "
                           f"{vocab_size} tokens: the data was encoded with another tokenizer.")
 
 
 def load_hf_weights(chunks, path: str, config) -> None:
     """--load-hf: continued pretraining from a Hugging Face GPT-2 or LLaMA directory. The architecture flags
     must describe the same model; each rank keeps only its shard."""
-    from megaengine.tools.hf import ARCHITECTURE_KEYS, load_hf
     hf_config, full = load_hf(path, base=config)
     diff = [f"{k}: flags {getattr(config, k)!r}, checkpoint {getattr(hf_config, k)!r}" for k in ARCHITECTURE_KEYS
             if getattr(config, k) != getattr(hf_config, k)]
@@ -133,40 +195,23 @@ def load_hf_weights(chunks, path: str, config) -> None:
         chunk.load_full_state(full)
 
 
-def param_dtype(args) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def build_optimizer(model_chunks, args, state):
-    """From --zero-config (DeepSpeed JSON) if given, else plain data parallel (stage 0) or Megatron's
-    distributed optimizer (ZeRO-1, --use-distributed-optimizer) from the flags."""
-    from megaengine.zero.optimizer import ZeroOptimizer
-    zero = getattr(args, "zero", None)
-    if zero is not None:
-        from megaengine.zero.engine import optimizer_from_config
-        opt = optimizer_from_config(model_chunks, zero, dp_group=state.dp_group, tp_group=state.tp_group,
-                                    pp_group=state.pp_group)
-        if opt.stage == 3:  # the tied head reads the embedding outside its module: gather it there too
-            for chunk in model_chunks:
-                if chunk.pre_process and chunk.post_process and not chunk.config.untie_embeddings_and_output_weights:
-                    opt.register_external_parameter(chunk, chunk.word_embeddings.weight)
-        return opt
-    return ZeroOptimizer(
-        model_chunks, stage=1 if args.use_distributed_optimizer else 0, lr=args.lr,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, dp_group=state.dp_group, tp_group=state.tp_group, pp_group=state.pp_group,
-        reduce_bucket_size=args.ddp_bucket_size, overlap_comm=args.overlap_grad_reduce)
-
-
-def build_model_chunks(config, state, args) -> list:
+def build_model_chunks(cfg: Config, state) -> list:
     """This rank's model chunks: one GPT per virtual pipeline stage, chunk c holding virtual stage c*pp + r."""
-    from megaengine.models import GPT
-    from megaengine.pipeline.partition import layer_ranges
-    v, pp, r = virtual_stages(args), state.pp_size, state.pp_rank
-    ranges = layer_ranges(config.num_layers, pp, v)[r]
-    chunks = [GPT(config, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
+    v, pp, r = cfg.parallel.virtual_stages, state.pp_size, state.pp_rank
+    ranges = layer_ranges(cfg.model.num_layers, pp, v)[r]
+    chunks = [GPT(cfg.model, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
                   post_process=(r == pp - 1 and c == v - 1)) for c in range(v)]
-    return [c.to(device=state.device, dtype=param_dtype(args)) for c in chunks]
+    return [c.to(device=state.device, dtype=cfg.train.param_dtype) for c in chunks]
+
+
+def build_optimizer(chunks, cfg: Config, state) -> ZeroOptimizer:
+    # Weights are replicated over dp and cp: gradients are reduced, and ZeRO shards, over both.
+    opt = ZeroOptimizer.from_config(chunks, cfg.optim, dp_group=state.dp_cp_group, tp_group=state.tp_group,
+                                    pp_group=state.pp_group)
+    for chunk in chunks:  # ZeRO-3: the tied head reads the embedding outside its module, so gather it there too
+        if chunk.pre_process and chunk.post_process and not cfg.model.untie_embeddings_and_output_weights:
+            opt.register_external_parameter(chunk, chunk.word_embeddings.weight)
+    return opt
 
 
 @dataclass
@@ -178,15 +223,27 @@ class PipelinePlan:
     timeout_s: float
 
 
-def plan_pipeline(args, state, config, num_micro: int) -> PipelinePlan | None:
+def plan_pipeline(cfg: Config, state) -> PipelinePlan | None:
     if state.pp_size == 1:
         return None
-    from megaengine.pipeline import schedules
-    actions = schedules.build(pipeline_schedule(args), state.pp_size, num_micro, virtual_stages(args))[state.pp_rank]
-    seq = config.seq_length // state.tp_size if config.sequence_parallel else config.seq_length
-    return PipelinePlan(actions, (seq, args.micro_batch_size, config.hidden_size), param_dtype(args),
-                        60.0 * args.distributed_timeout_minutes)
+    p, m = cfg.parallel, cfg.model
+    actions = schedules.build(p.schedule, p.pp, cfg.train.micro_batches(state.dp_size), p.virtual_stages)[state.pp_rank]
+    seq = m.seq_length // state.tp_size if m.sequence_parallel else m.seq_length
+    return PipelinePlan(actions, (seq, cfg.train.micro_batch_size, m.hidden_size), cfg.train.param_dtype,
+                        60.0 * p.timeout_minutes)
 
+
+def progress_logger(cfg: Config, state) -> ProgressLogger:
+    counts = count_parameters(cfg.model, state.tp_size)
+    tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_length
+    return ProgressLogger(total_iters=cfg.train.train_iters, tokens_per_iter=tokens_per_iter,
+                          flops_per_iter=tokens_per_iter * flops_per_token(cfg.model, counts["matmul"]),
+                          world_size=dist.get_world_size(), peak_tflops=device_peak_tflops(cfg.logging.peak_tflops),
+                          metrics_file=cfg.logging.metrics_file, tensorboard_dir=cfg.logging.tensorboard_dir,
+                          is_writer=dist.get_rank() == 0)
+
+
+# ---- one step ------------------------------------------------------------------------------------------------
 
 def next_batches(loader, n: int, device, vocab_size: int | None = None) -> list:
     batches = []
@@ -217,8 +274,6 @@ def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> 
             total += loss.detach()
         return total
 
-    from megaengine.pipeline.executor import run_pipeline
-
     def forward_step(chunk_index, module, x, mb):
         tokens, labels = batches[mb]
         out = module(tokens if module.pre_process else x, labels if module.post_process else None)
@@ -233,30 +288,171 @@ def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> 
     run_pipeline(plan.actions, chunks, pp_group=state.pp_group, forward_step=forward_step, num_microbatches=n,
                  tensor_shape=plan.tensor_shape, dtype=plan.dtype, device=state.device, timeout=plan.timeout_s)
     optimizer.finish_grad_sync()
-    sync_tied_embeddings(chunks, optimizer, state)
+    optimizer.sync_tied_grads(state.embedding_group)
     return total
 
 
-def sync_tied_embeddings(chunks, optimizer, state) -> None:
-    """First and last stage each hold the tied word embedding: sum their gradients so both copies take the
-    same step and never drift (Megatron's embedding group)."""
-    if state.embedding_group is None:
-        return
-    for chunk in chunks:
-        for p in chunk.parameters():
-            if getattr(p, "shared_embedding", False) or getattr(p, "shared_embedding_copy", False):
-                comm.all_reduce(optimizer.main_grad(p), state.embedding_group)
+def reduce_loss(total: torch.Tensor, state) -> float:
+    """The mean of per-rank mean losses over dp and cp (cp ranks hold equal parts of each sequence), summed over
+    pp where only the last stage holds it (zeros elsewhere). Collective."""
+    comm.all_reduce(total, state.dp_cp_group)
+    comm.all_reduce(total, state.pp_group)
+    return total.item() / state.dp_cp_size
 
+
+# ---- the loop's helpers ------------------------------------------------------------------------------------
+
+class LossWindow:
+    """The loss, time and skipped steps since the last progress line; one line every --log-interval."""
+
+    def __init__(self, cfg: Config, state):
+        self.interval, self.last, self.state = cfg.logging.log_interval, cfg.train.train_iters, state
+        self.loss, self.steps, self.seconds, self.skipped = torch.zeros((), device=state.device), 0, 0.0, 0
+
+    def add(self, loss: torch.Tensor, seconds: float, skipped: bool) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.seconds += seconds
+        self.skipped += int(skipped)  # cumulative over the run, as Megatron logs it
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.interval == 0 or iteration == self.last
+
+    def flush(self) -> dict:
+        """Collective: the window's mean loss over dp (and pp), then a fresh window."""
+        out = {"loss": reduce_loss(self.loss, self.state) / self.steps, "iter_seconds": self.seconds / self.steps,
+               "skipped": self.skipped}
+        self.loss.zero_()
+        self.steps, self.seconds = 0, 0.0
+        return out
+
+
+class SkipGuard:
+    """Counts consecutive steps skipped for inf/nan gradients and stops the run after --max-skipped-steps."""
+
+    def __init__(self, cfg: Config):
+        self.limit, self.save = cfg.train.max_skipped_steps, cfg.checkpoint.save
+        self.consecutive = 0
+
+    def record(self, skipped: bool, iteration: int, grad_norm, loss_scale: float, say) -> None:
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        if skipped:
+            say(f"iteration {iteration}: step skipped, non-finite gradients (grad norm {grad_norm}, loss scale "
+                f"{loss_scale:g})", flush=True)
+
+    def stop_if_too_many(self, iteration: int) -> None:
+        if self.consecutive >= self.limit:
+            raise TrainingStopped(
+                f"{self.consecutive} consecutive steps skipped for inf/nan gradients (--max-skipped-steps "
+                f"{self.limit}) at iteration {iteration}. The last checkpoint ({self.save or 'none: no --save'}) is "
+                "untouched; lower --lr or check the data, then resume.")
+
+
+def evaluation_due(cfg: Config, iteration: int) -> bool:
+    return cfg.logging.eval_iters > 0 and (iteration % cfg.logging.eval_interval == 0
+                                           or iteration == cfg.train.train_iters)
+
+
+def save_due(cfg: Config, iteration: int, exiting: bool, consecutive_skips: int) -> bool:
+    """At --save-interval, at the end and when exiting; never inside a run of skipped steps, so the newest
+    checkpoint stays the last good one."""
+    c = cfg.checkpoint
+    return bool(c.save) and consecutive_skips == 0 and (
+        bool(c.save_interval and iteration % c.save_interval == 0) or iteration == cfg.train.train_iters or exiting)
+
+
+class ExitSignal:
+    """SIGTERM (SLURM's warning before preemption) sets a flag; the loop agrees on it across ranks once per
+    iteration, saves and exits cleanly. Megatron's --exit-signal-handler."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received = enabled, False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.received = True
+
+    def any_rank(self, device) -> bool:
+        if not self.enabled:
+            return False
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.received = bool(flag.item())
+        return self.received
+
+
+class TrainingCheckpoints:
+    """pretrain_gpt.py's use of the Checkpointer: the model, optimizer, data position and RNG, with the config
+    and tokenizer recorded beside them."""
+
+    def __init__(self, cfg: Config, state, chunks, optimizer, loader, tokenizer_model: str):
+        self.cfg, self.state, self.chunks, self.optimizer, self.loader = cfg, state, chunks, optimizer, loader
+        self.tokenizer_model = os.path.abspath(tokenizer_model)
+        self.checkpointer = Checkpointer(async_save=cfg.checkpoint.async_save, retain=cfg.checkpoint.save_retain)
+        self.layout = Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size, cp=state.cp_size,
+                             virtual_stages=len(chunks), zero_stage=optimizer.stage, tp_rank=state.tp_rank,
+                             replica=state.dp_cp_rank)
+
+    def named_params(self) -> list:
+        return [(chunk.global_name(name), p) for chunk in self.chunks for name, p in chunk.named_parameters()]
+
+    def save(self, iteration: int) -> None:
+        meta = {"iteration": iteration, "consumed_samples": self.loader.consumed_samples,
+                "model": self.cfg.model.to_dict(), "config": self.cfg.to_dict(),
+                "tokenizer_model": self.tokenizer_model}
+        rank_state = {"rng": rng_state(), "loader": self.loader.state_dict(), "iteration": iteration}
+        self.checkpointer.save(self.cfg.checkpoint.save, iteration, named_params=self.named_params(),
+                               optimizer=self.optimizer, layout=self.layout, meta=meta, rank_state=rank_state)
+
+    def resume_root(self) -> str | None:
+        """--load, or --save when it already holds a checkpoint (a restarted job picks up where it died)."""
+        c = self.cfg.checkpoint
+        if c.load:
+            return c.load
+        return c.save if c.save and latest_tag(c.save) is not None else None
+
+    def resume(self, say) -> int:
+        """The iteration to continue from (0 without a checkpoint), everything restored at this layout."""
+        root = self.resume_root()
+        if root is None:
+            return 0
+        loaded = self.checkpointer.load(root, named_params=self.named_params(), optimizer=self.optimizer,
+                                        layout=self.layout, check=self._same_model)
+        iteration = int(loaded.meta["iteration"])
+        self.loader.load_state_dict({"consumed_samples": loaded.meta["consumed_samples"]})
+        if loaded.rank_state is not None:
+            set_rng_state(loaded.rank_state["rng"])
+        else:  # at another layout saved streams do not map onto ranks: start fresh ones
+            reseed(self.cfg.train.seed + iteration, self.state)
+        saved, now = loaded.meta.get("layout", {}), self.layout
+        say(f"resumed from {loaded.path} at iteration {iteration} (saved at tp {saved.get('tp')} pp {saved.get('pp')} "
+            f"dp {saved.get('dp')} ZeRO {saved.get('zero_stage')}; now tp {now.tp} pp {now.pp} dp {now.dp} "
+            f"ZeRO {now.zero_stage})", flush=True)
+        return iteration
+
+    def _same_model(self, meta: dict, path: str) -> None:
+        keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                "ffn_hidden_size", "vocab_size", "seq_length", "normalization", "position_embedding_type", "swiglu",
+                "add_bias_linear", "untie_embeddings_and_output_weights")
+        saved, now = meta.get("model", {}), self.cfg.model.to_dict()
+        diff = [f"{k}: saved {saved.get(k)}, now {now.get(k)}" for k in keys if saved.get(k) != now.get(k)]
+        if diff:
+            raise ConfigError(f"{path}: checkpoint is of another model shape ({'; '.join(diff)}).")
+
+    def wait(self) -> None:
+        self.checkpointer.wait()
+
+
+# ---- evaluation and sampling ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(chunks, dataset, args, state, plan: PipelinePlan | None) -> float:
-    from megaengine.data import MicroBatchLoader
-    from megaengine.pipeline.executor import forward_only
+def evaluate(chunks, dataset, cfg: Config, state, plan: PipelinePlan | None) -> float:
     for c in chunks:
         c.eval()
-    loader = MicroBatchLoader(dataset, args.micro_batch_size, state.dp_rank, state.dp_size)
+    loader = MicroBatchLoader(dataset, cfg.train.micro_batch_size, state.dp_rank, state.dp_size)
     total = torch.zeros((), device=state.device)
-    steps = args.eval_iters * (args.global_batch_size // (args.micro_batch_size * state.dp_size))
+    steps = cfg.logging.eval_iters * cfg.train.micro_batches(state.dp_size)
     for tokens, labels in next_batches(loader, steps, state.device):
         if plan is None:
             total += chunks[0](tokens, labels).float().mean()
@@ -269,158 +465,37 @@ def evaluate(chunks, dataset, args, state, plan: PipelinePlan | None) -> float:
             total += out.float().mean()
     for c in chunks:
         c.train()
-    reduce_loss(total, state)
-    return total.item() / (steps * state.dp_size)
-
-
-def reduce_loss(total: torch.Tensor, state) -> None:
-    """Sum a loss over dp, and over pp where only the last stage holds it (zeros elsewhere)."""
-    comm.all_reduce(total, state.dp_group)
-    comm.all_reduce(total, state.pp_group)
-
-
-def resume_from(args) -> str | None:
-    """--load, or --save when it already holds a checkpoint (a restarted job picks up where it died)."""
-    if args.load:
-        return args.load
-    if args.save and checkpoint.latest_iteration(args.save) is not None:
-        return args.save
-    return None
+    return reduce_loss(total, state) / steps
 
 
 @torch.no_grad()
-def sample_text(chunks, tokenizer, args, state, config) -> None:
-    """Sample a continuation of a prompt; with pp > 1 each token goes through the pipeline and the last stage
-    broadcasts it to the others."""
-    if args.sample_tokens <= 0:
+def sample_text(chunks, tokenizer, cfg: Config, state, say) -> None:
+    """A continuation of SAMPLE_PROMPT through the whole pipeline: the last stage samples each token
+    (models.gpt.generate) and broadcasts it to the other stages."""
+    if cfg.logging.sample_tokens <= 0:
         return
-    from megaengine.pipeline.executor import forward_only
-    prompt = "def main("
-    ids = torch.tensor([[tokenizer.bos] + tokenizer.encode(prompt)], device=state.device)
-    g = torch.Generator(device=state.device).manual_seed(args.seed)
-    for c in chunks:
-        c.eval()
-    for _ in range(args.sample_tokens):
-        context = ids[:, -config.seq_length:]
-        if config.sequence_parallel:  # sequence shards must divide evenly
-            context = context[:, context.shape[1] % state.tp_size:]
-        seq = context.shape[1] // (state.tp_size if config.sequence_parallel else 1)
-        hidden = forward_only(chunks, pp_group=state.pp_group, tensor_shape=(seq, 1, config.hidden_size),
-                              dtype=param_dtype(args), device=state.device,
-                              forward_step=lambda c, m, x: m(context if m.pre_process else x))
-        token = torch.zeros((1, 1), dtype=torch.long, device=state.device)
-        if hidden is not None:
-            logits = comm.gather_from_tp_region(hidden, state.tp_group, dim=-1)[-1, :, :config.vocab_size]
-            probs = (logits.float() / 0.8).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=g)
+    m = cfg.model
+    sp = state.tp_size if m.sequence_parallel else 1
+
+    def last_logits(context):
+        hidden = forward_only(chunks, pp_group=state.pp_group, tensor_shape=(context.shape[1] // sp, 1, m.hidden_size),
+                              dtype=cfg.train.param_dtype, device=state.device,
+                              forward_step=lambda c, module, x: module(context if module.pre_process else x))
+        if hidden is None:
+            return None
+        return comm.gather_from_tp_region(hidden, state.tp_group, dim=-1)[-1, :, :m.vocab_size]
+
+    def share(token):
         if state.pp_size > 1:
             comm.broadcast(token, state.pp_global_rank(state.pp_size - 1), state.pp_group)
-        ids = torch.cat([ids, token], dim=1)
+
+    prompt = [tokenizer.eod] + tokenizer.encode(SAMPLE_PROMPT)  # a document's start, as training saw it
+    for c in chunks:
+        c.eval()
+    ids = generate(last_logits, torch.tensor([prompt], device=state.device), cfg.logging.sample_tokens,
+                   seq_length=m.seq_length, multiple_of=sp, share=share,
+                   generator=torch.Generator(device=state.device).manual_seed(cfg.train.seed))
     for c in chunks:
         c.train()
-    if dist.get_rank() == 0:
-        print("sample:\n" + prompt + tokenizer.decode(ids[0, len(tokenizer.encode(prompt)) + 1:].tolist()), flush=True)
-
-
-def train(args) -> None:
-    state = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                backend=args.distributed_backend, seed=args.seed,
-                                timeout_minutes=args.distributed_timeout_minutes)
-    is_rank0 = dist.get_rank() == 0
-    data = build_data(args, state)
-    if args.data_path:
-        check_token_range(data.train, data.tokenizer.vocab_size, args)
-    config = model_config(args, data.tokenizer.vocab_size)
-    chunks = build_model_chunks(config, state, args)
-    if args.load_hf:
-        load_hf_weights(chunks, args.load_hf, config)
-    optimizer = build_optimizer(chunks, args, state)  # its fp32 masters start from the weights loaded above
-    num_micro = args.global_batch_size // (args.micro_batch_size * state.dp_size)
-    plan = plan_pipeline(args, state, config, num_micro)
-
-    from megaengine.data import MicroBatchLoader
-    from megaengine.models import count_parameters
-    loader = MicroBatchLoader(data.train, args.micro_batch_size, state.dp_rank, state.dp_size)
-    iteration = 0
-    root = resume_from(args)
-    if root:
-        iteration = checkpoint.load_training_state(root, chunks=chunks, optimizer=optimizer, loader=loader,
-                                                   config=config, state=state, args=args)
-
-    counts = count_parameters(config, state.tp_size)
-    tokens_per_iter = args.global_batch_size * args.seq_length
-    metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
-    logger = ProgressLogger(total_iters=args.train_iters, tokens_per_iter=tokens_per_iter,
-                            flops_per_iter=tokens_per_iter * flops_per_token(config, counts["matmul"]),
-                            world_size=dist.get_world_size(), peak_tflops=device_peak_tflops(args.peak_tflops),
-                            metrics_file=metrics_file, tensorboard_dir=args.tensorboard_dir, is_writer=is_rank0)
-    if is_rank0:
-        print(f"megaengine: {counts['total'] / 1e6:.2f}M parameters | tp {state.tp_size} pp {state.pp_size} "
-              f"dp {state.dp_size} | {num_micro} micro-batches of {args.micro_batch_size} x {args.seq_length} "
-              f"tokens per rank per step | vocab {config.vocab_size} | {state.device}", flush=True)
-
-    for c in chunks:
-        c.train()
-    decay_iters = args.lr_decay_iters or args.train_iters
-    window_loss, window_steps, window_time, skipped = torch.zeros((), device=state.device), 0, 0.0, 0
-    zero = getattr(args, "zero", None)
-    exit_signal, consecutive_skips, signalled = ExitSignal(args.exit_signal_handler), 0, False
-    while iteration < args.train_iters:
-        if zero is not None and zero.scheduler.type:  # the JSON's DeepSpeed schedule
-            from megaengine.zero.engine import scheduler_lr
-            lr = scheduler_lr(zero.scheduler, zero.optimizer.lr, iteration)
-        else:
-            lr = learning_rate(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
-                               decay_iters=decay_iters, style=args.lr_decay_style)
-        start = time.monotonic()
-        minutes = args.distributed_timeout_minutes
-        with watch("forward, backward and gradient reduction", iteration + 1, state, minutes):
-            batches = next_batches(loader, num_micro, state.device, config.vocab_size)
-            window_loss += train_step(chunks, optimizer, batches, plan, state)
-        with watch("the optimizer step", iteration + 1, state, minutes):
-            grad_norm, was_skipped = optimizer.step(lr)
-        iteration += 1
-        window_steps += 1
-        skipped += int(was_skipped)
-        window_time += time.monotonic() - start
-        consecutive_skips = consecutive_skips + 1 if was_skipped else 0
-        if was_skipped and is_rank0:
-            print(f"iteration {iteration}: step skipped, non-finite gradients (grad norm {grad_norm}, "
-                  f"loss scale {optimizer.loss_scale:g})", flush=True)
-
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            with watch("loss logging", iteration, state, minutes):
-                reduce_loss(window_loss, state)
-            loss = window_loss.item() / (window_steps * state.dp_size)
-            logger.log(iteration, loss=loss, lr=lr, grad_norm=grad_norm, iter_seconds=window_time / window_steps,
-                       skipped=skipped)
-            window_loss.zero_()
-            window_steps, window_time = 0, 0.0
-        if consecutive_skips >= args.max_skipped_steps:
-            raise TrainingStopped(
-                f"{consecutive_skips} consecutive steps skipped for inf/nan gradients (--max-skipped-steps "
-                f"{args.max_skipped_steps}) at iteration {iteration}. The last checkpoint "
-                f"({args.save or 'none: no --save'}) is untouched; lower --lr or check the data, then resume.")
-        if data.valid is not None and args.eval_iters > 0 and (
-                iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            with watch("evaluation", iteration, state, minutes):
-                logger.log_eval(iteration, evaluate(chunks, data.valid, args, state, plan))
-        with watch("the exit-signal check", iteration, state, minutes):
-            signalled = args.exit_signal_handler and exit_signal.any_rank(state.device)
-        exiting = signalled or (args.exit_interval and iteration % args.exit_interval == 0)
-        # No save inside a run of skipped steps: the newest checkpoint stays the last good one.
-        if args.save and consecutive_skips == 0 and ((args.save_interval and iteration % args.save_interval == 0)
-                                                     or iteration == args.train_iters or exiting):
-            with watch("the checkpoint save", iteration, state, minutes):
-                checkpoint.save_training_state(args.save, iteration, chunks=chunks, optimizer=optimizer,
-                                               loader=loader, config=config, state=state, args=args)
-        if exiting:
-            if is_rank0:
-                why = "SIGTERM received" if signalled else f"--exit-interval {args.exit_interval}"
-                print(f"exiting at iteration {iteration} ({why})", flush=True)
-            break
-    logger.close()
-    if not signalled:
-        with optimizer.gathered_params():  # stage 3 holds parameter shards outside forward/backward
-            sample_text(chunks, data.tokenizer, args, state, config)
-    checkpoint.finalize_async_saves()  # the last background save completes before the process group goes away
+    say(f"sample (prompt {SAMPLE_PROMPT!r}, {cfg.logging.sample_tokens} tokens):\n"
+        f"{SAMPLE_PROMPT}{tokenizer.decode(ids[0, len(prompt):].tolist())}", flush=True)

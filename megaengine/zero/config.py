@@ -1,11 +1,14 @@
-"""DeepSpeed-style JSON configs -> validated dataclasses (`load_config`).
+"""DeepSpeed-style JSON configs -> validated dataclasses (`load_config`), and `OptimConfig`, what the optimizer
+does once flags and JSON are resolved.
 
 Keys keep DeepSpeed's names, defaults and meaning (deepspeed/runtime/config.py, runtime/zero/config.py), so a
-user's ds_config.json works unchanged. "auto" (Hugging Face's convention) is resolved from command-line values
-passed as `cli` (AUTO_SOURCES lists which). Batch sizes follow DeepSpeed: train_batch_size =
-train_micro_batch_size_per_gpu x gradient_accumulation_steps x dp, the missing one inferred. Every mistake
-is a ConfigError naming the key: unknown keys (with the closest known one), DeepSpeed features megaengine
-does not implement, wrong types, malformed JSON (file, line, column), inconsistent batch sizes.
+user's ds_config.json works unchanged. Keys that a command-line value also sets (FLAG_KEYS) follow one rule:
+a key the JSON leaves out, or sets to "auto" (Hugging Face's convention), takes the command line's value
+(`cli`); an explicit JSON value that disagrees with a value the user set (`user_set`) is an error showing
+both. Batch sizes follow DeepSpeed: train_batch_size = train_micro_batch_size_per_gpu x
+gradient_accumulation_steps x dp, the missing one inferred. Every mistake is a ConfigError naming the key:
+unknown keys (with the closest known one), DeepSpeed features megaengine does not implement, wrong types,
+malformed JSON (file, line, column), inconsistent batch sizes.
 
 Accepted, with no effect on results (knobs of DeepSpeed's own implementation): contiguous_gradients (always
 contiguous), allgather_partitions and allgather_bucket_size (updated parameters are all-gathered per reduce
@@ -59,15 +62,16 @@ NOT_IMPLEMENTED = {
     "zero_optimization.zero_quantized_gradients", "zero_optimization.mics_shard_size",
     "zero_optimization.cpu_offload", "zero_optimization.elastic_checkpoint",
 }
-# "auto" value -> the `cli` key it comes from (Hugging Face's Trainer does the same from its arguments).
-AUTO_SOURCES = {
+# JSON key -> the `cli` value(s) it stands for: the value it takes when left out or "auto", and must agree with.
+FLAG_KEYS = {
     "train_batch_size": "global_batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
     "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "clip_grad",
     "optimizer.params.lr": "lr", "optimizer.params.eps": "adam_eps", "optimizer.params.weight_decay": "weight_decay",
     "optimizer.params.betas": ("adam_beta1", "adam_beta2"),
     "scheduler.params.warmup_max_lr": "lr", "scheduler.params.warmup_min_lr": "min_lr",
     "scheduler.params.warmup_num_steps": "warmup_steps", "scheduler.params.total_num_steps": "train_iters",
-    "fp16.enabled": "fp16", "bf16.enabled": "bf16",
+    "fp16.enabled": "fp16", "bf16.enabled": "bf16", "zero_optimization.stage": "zero_stage",
+    "zero_optimization.reduce_bucket_size": "reduce_bucket_size", "zero_optimization.overlap_comm": "overlap_comm",
 }
 # "auto" sizes from the model width, Hugging Face's rule; DeepSpeed's default without `hidden_size`.
 AUTO_FROM_HIDDEN = {"zero_optimization.reduce_bucket_size": lambda h: h * h,
@@ -78,10 +82,12 @@ CLI_FLAGS = {"global_batch_size": "--global-batch-size", "micro_batch_size": "--
              "gradient_accumulation_steps": "--global-batch-size", "clip_grad": "--clip-grad", "lr": "--lr",
              "adam_eps": "--adam-eps", "weight_decay": "--weight-decay", "adam_beta1": "--adam-beta1",
              "adam_beta2": "--adam-beta2", "min_lr": "--min-lr", "warmup_steps": "--lr-warmup-iters",
-             "train_iters": "--train-iters", "fp16": "--fp16", "bf16": "--bf16"}
+             "train_iters": "--train-iters", "fp16": "--fp16", "bf16": "--bf16",
+             "zero_stage": "--use-distributed-optimizer", "reduce_bucket_size": "--ddp-bucket-size",
+             "overlap_comm": "--overlap-grad-reduce"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class FP16Config:
     enabled: bool = False
     loss_scale: float = 0.0  # 0: dynamic
@@ -92,7 +98,7 @@ class FP16Config:
     min_loss_scale: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     type: str = "AdamW"
     lr: float = 1e-3
@@ -102,13 +108,13 @@ class OptimizerConfig:
     adam_w_mode: bool = True  # DeepSpeed's "Adam" is AdamW unless adam_w_mode is false
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     type: str | None = None
     params: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZeroConfig:
     stage: int = 0
     overlap_comm: bool = False  # DeepSpeed: true by default at stage 3 only
@@ -126,7 +132,7 @@ class ZeroConfig:
     stage3_gather_16bit_weights_on_model_save: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     train_batch_size: int
     train_micro_batch_size_per_gpu: int
@@ -141,6 +147,7 @@ class DeepSpeedConfig:
     fp16: FP16Config = field(default_factory=FP16Config)
     bf16: bool = False
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
+    explicit: frozenset = frozenset()  # the keys the JSON gave a value (not "auto"), e.g. "optimizer.params.lr"
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -196,23 +203,27 @@ def _set(data: dict, path: str, value) -> None:
     node[last] = value
 
 
-def _auto_paths(data: dict, prefix: str = ""):
+def _leaf_paths(data: dict, prefix: str = ""):
     for k, v in data.items():
         if isinstance(v, dict):
-            yield from _auto_paths(v, f"{prefix}{k}.")
-        elif v == "auto":
+            yield from _leaf_paths(v, f"{prefix}{k}.")
+        else:
             yield f"{prefix}{k}"
 
 
+def _auto_paths(data: dict):
+    return [p for p in _leaf_paths(data) if _get(data, p) == "auto"]
+
+
 def _resolve_auto(data: dict, cli: dict, source: str) -> None:
-    for path in list(_auto_paths(data)):
+    for path in _auto_paths(data):
         if path in AUTO_FROM_HIDDEN:
             if cli.get("hidden_size") is None:
                 _set(data, path, getattr(ZeroConfig(), path.split(".")[-1]))
             else:
                 _set(data, path, AUTO_FROM_HIDDEN[path](int(cli["hidden_size"])))
             continue
-        src = AUTO_SOURCES.get(path)
+        src = FLAG_KEYS.get(path)
         if src is None:
             raise ConfigError(f"{source}: '{path}' cannot be \"auto\"; give a value.")
         names = src if isinstance(src, tuple) else (src,)
@@ -228,6 +239,18 @@ def _resolve_auto(data: dict, cli: dict, source: str) -> None:
             flags = ", ".join(CLI_FLAGS.get(n, n) for n in missing)
             raise ConfigError(f"{source}: '{path}' is \"auto\" but no command-line value was given for it ({flags}).")
         _set(data, path, list(values) if isinstance(src, tuple) else values[0])
+
+
+def _fill_left_out(data: dict, cli: dict) -> None:
+    """A key the JSON leaves out takes the command line's value, exactly as "auto" would (a scheduler's keys only
+    when the JSON's scheduler takes them: the command line's own schedule is not a DeepSpeed one)."""
+    takes = SCHEDULER_PARAMS.get(_get(data, "scheduler.type"), set())
+    for path, src in FLAG_KEYS.items():
+        if _get(data, path) is not None or (path.startswith("scheduler.") and path.split(".")[-1] not in takes):
+            continue
+        names = src if isinstance(src, tuple) else (src,)
+        if all(n in cli for n in names):
+            _set(data, path, [cli[n] for n in names] if isinstance(src, tuple) else cli[src])
 
 
 # -- batch sizes ------------------------------------------------------------------------------------------
@@ -256,12 +279,12 @@ def resolve_batch(train: int | None, micro: int | None, gas: int | None, dp: int
     return train, micro, gas
 
 
-def _check_cli_agrees(data: dict, cli: dict, source: str) -> None:
-    """A JSON value that the command line also sets must be the same (after "auto" took the cli value)."""
-    for path, src in AUTO_SOURCES.items():
+def _check_cli_agrees(data: dict, cli: dict, user_set: set, source: str) -> None:
+    """A JSON value for a setting the user also chose on the command line must be the same."""
+    for path, src in FLAG_KEYS.items():
         names = src if isinstance(src, tuple) else (src,)
         value = _get(data, path)
-        if value is None or any(cli.get(n) is None for n in names):
+        if value is None or not any(n in user_set for n in names) or any(n not in cli for n in names):
             continue
         want = [cli[n] for n in names] if isinstance(src, tuple) else cli[src]
         same = (list(map(float, value)) == list(map(float, want)) if isinstance(src, tuple)
@@ -269,8 +292,8 @@ def _check_cli_agrees(data: dict, cli: dict, source: str) -> None:
                 else float(value) == float(want))
         if not same:
             flags = " / ".join(CLI_FLAGS.get(n, n) for n in names)
-            raise ConfigError(f"{source}: '{path}' is {value} but {flags} is {want}; make them agree or set the "
-                              "JSON value to \"auto\".")
+            raise ConfigError(f"{source}: '{path}' is {value} but {flags} is {want}; make them agree, or set the "
+                              "JSON value to \"auto\" (or leave it out) to take the command line's.")
 
 
 # -- typed fields -----------------------------------------------------------------------------------------
@@ -374,13 +397,18 @@ def _fp16(data, source) -> FP16Config:
     return cfg
 
 
-def load_config(path_or_dict, *, cli: dict | None = None) -> DeepSpeedConfig:
-    """Read, check and resolve a DeepSpeed config. `cli` supplies "auto" values and `dp_size` (default 1)."""
+def load_config(path_or_dict, *, cli: dict | None = None, user_set=None) -> DeepSpeedConfig:
+    """Read, check and resolve a DeepSpeed config. `cli` holds the command line's values for FLAG_KEYS (used for
+    keys left out or "auto") and `dp_size` (default 1); `user_set` names those of them that the user chose
+    (default: all), which an explicit JSON value must agree with."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    user_set = set(cli) if user_set is None else set(user_set) & set(cli)
     data, source = _read(path_or_dict)
     _check_keys(data, SCHEMA, "", source)
+    explicit = frozenset(p for p in _leaf_paths(data) if _get(data, p) != "auto")
     _resolve_auto(data, cli, source)
-    _check_cli_agrees(data, cli, source)
+    _check_cli_agrees(data, cli, user_set, source)
+    _fill_left_out(data, cli)
     dp = int(cli.get("dp_size", 1))
     train, micro, gas = (_typed(data, k, int, None, source) for k in
                          ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
@@ -402,4 +430,32 @@ def load_config(path_or_dict, *, cli: dict | None = None) -> DeepSpeedConfig:
         wall_clock_breakdown=_typed(data, "wall_clock_breakdown", bool, False, source),
         prescale_gradients=_typed(data, "prescale_gradients", bool, False, source),
         optimizer=_optimizer(data, source), scheduler=_scheduler(data, source), fp16=fp16, bf16=bf16,
-        zero_optimization=_zero(data, source))
+        zero_optimization=_zero(data, source), explicit=explicit)
+
+
+# -- what the optimizer does ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, gradient clipping, ZeRO, loss scaling and the LR schedule, once flags and JSON are resolved. The one
+    input of `ZeroOptimizer.from_config`, for pretrain_gpt.py and for engines alike."""
+    lr: float
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"  # Megatron's schedule (training.lr_schedule), unless `scheduler` is set
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    adam_w_mode: bool = True
+    clip_grad: float = 0.0
+    prescale_gradients: bool = False
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    fp16: FP16Config = field(default_factory=FP16Config)  # loss scaling, used when `fp16.enabled`
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # DeepSpeed's; type None: none
+
+    @classmethod
+    def from_deepspeed(cls, ds: DeepSpeedConfig, **megatron_schedule) -> "OptimConfig":
+        o = ds.optimizer
+        return cls(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, adam_w_mode=o.adam_w_mode,
+                   clip_grad=ds.gradient_clipping, prescale_gradients=ds.prescale_gradients,
+                   zero=ds.zero_optimization, fp16=ds.fp16, scheduler=ds.scheduler, **megatron_schedule)

@@ -72,3 +72,14 @@ class DynamicLossScaler:
         self.cur_hysteresis = state.get("cur_hysteresis", self.hysteresis)
         self.iteration = state.get("iteration", 0)
         self.last_overflow_iteration = state.get("last_overflow_iteration", -1)
+
+
+def loss_scaler_for(fp16) -> StaticLossScaler | DynamicLossScaler | None:
+    """The scaler an `fp16` section (zero.config.FP16Config) asks for: none unless enabled; a static scale when
+    `loss_scale` > 0, else dynamic."""
+    if not fp16.enabled:
+        return None
+    if fp16.loss_scale > 0:
+        return StaticLossScaler(fp16.loss_scale)
+    return DynamicLossScaler(fp16.initial_scale_power, fp16.loss_scale_window, fp16.hysteresis, fp16.min_loss_scale,
+                             fp16.consecutive_hysteresis)

@@ -21,13 +21,12 @@ Rules the caller relies on:
 - Gradients are summed over micro-batches and averaged over dp: divide the loss by the number of micro-batches.
 - fp16 parameters get a dynamic loss scaler unless `loss_scaler` is given; bf16/fp32 need none. A step whose
   gradients hold inf/nan on any rank is skipped on every rank (`skipped=True`) and the scale is lowered.
-- The grad norm (returned before clipping, as Megatron reports it) counts every parameter once: shards marked
-  `tensor_parallel = True` on every tp rank, replicated ones on tp rank 0, none marked
-  `shared_embedding_copy = True`; summed over tp and pp (and dp when the gradients are sharded).
+- The grad norm (returned before clipping, as Megatron reports it) counts every parameter once: tp shards on
+  every tp rank, replicated ones on tp rank 0, never a tied copy (each parameter's `ParamInfo`, see
+  megaengine.parallel.params); summed over tp and pp (and dp when the gradients are sharded).
 - Weight decay (decoupled, AdamW) skips parameters with ndim < 2 (biases, norm weights), as Megatron does.
-- Pipeline tied embeddings: params marked `shared_embedding` / `shared_embedding_copy` get their own bucket so
-  both ends shard them identically; between `finish_grad_sync()` and `step()` all-reduce `main_grad(p)` over
-  the embedding group.
+- Pipeline tied embeddings (`ParamInfo.tied`) get their own bucket so both ends shard them identically;
+  between `finish_grad_sync()` and `step()`, `sync_tied_grads(embedding_group)` sums their gradients.
 - Stage 3 parameters are only valid inside their module's forward/backward; use `gathered_params()` to read them.
 """
 from __future__ import annotations
@@ -42,10 +41,14 @@ from torch import nn
 
 from megaengine.parallel import comm
 from megaengine.parallel.mesh import ConfigError
+from megaengine.parallel.params import full_shape, param_info
 from megaengine.zero.buffers import GradReducer, build_buckets
-from megaengine.zero.loss_scale import DynamicLossScaler
+from megaengine.zero.loss_scale import DynamicLossScaler, loss_scaler_for
 
 log = logging.getLogger("megaengine.zero")
+
+# The fp32 state kept per parameter element; checkpoints store one tensor of each kind per parameter.
+STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
 def _group_size(group) -> int:
@@ -136,7 +139,7 @@ class ZeroOptimizer:
         else:
             whole, unit_modules = params, []
         self.buckets = build_buckets(whole[::-1], int(reduce_bucket_size), shards, self.dp_rank if shards > 1 else 0,
-                                     alone=_is_tied)
+                                     alone=lambda p: param_info(p).tied is not None)
         if stage == 3:
             self.gatherer = ParamGatherer(unit_modules, self.dp_group, len(self.buckets),
                                           prefetch_numel=int(prefetch_bucket_size),
@@ -165,6 +168,20 @@ class ZeroOptimizer:
         self._segments = [self._bucket_segments(b) for b in self.buckets]
         self._synced = False
 
+    @classmethod
+    def from_config(cls, model_chunks, optim, *, dp_group=None, tp_group=None, pp_group=None) -> "ZeroOptimizer":
+        """The optimizer an `OptimConfig` (megaengine.zero.config) describes."""
+        z = optim.zero
+        return cls(
+            model_chunks, stage=z.stage, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+            weight_decay=optim.weight_decay, adam_w_mode=optim.adam_w_mode, clip_grad=optim.clip_grad,
+            dp_group=dp_group, tp_group=tp_group, pp_group=pp_group, reduce_bucket_size=z.reduce_bucket_size,
+            overlap_comm=z.overlap_comm, reduce_scatter=z.reduce_scatter, prescale_gradients=optim.prescale_gradients,
+            loss_scaler=loss_scaler_for(optim.fp16), offload_optimizer=z.offload_optimizer == "cpu",
+            prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+            param_persistence_threshold=z.stage3_param_persistence_threshold,
+            max_live_parameters=z.stage3_max_live_parameters)
+
     # -- setup helpers ------------------------------------------------------------------------------------
     def _broadcast_from_dp0(self, params) -> None:
         """Start every dp replica from dp rank 0's weights, as DDP does."""
@@ -182,7 +199,7 @@ class ZeroOptimizer:
         """Weight-decay and grad-norm ranges inside the bucket's own slice."""
         decay, counted = [], []
         for p, a, e, _ in b.own_params():
-            decay.append((a, e, len(getattr(p, "zero_shape", p.shape)) >= 2))
+            decay.append((a, e, len(full_shape(p)) >= 2))
             counted.append((a, e, _counts_in_norm(p, self.tp_rank)))
         decay_ranges = [(a, e) for a, e, f in _runs(decay) if f]
         norm_ranges = [(a, e) for a, e, f in _runs(counted) if f]
@@ -233,6 +250,16 @@ class ZeroOptimizer:
                 if p is param:
                     return self.reducer.grad_piece(b)[a:e]
         return torch.empty(0, dtype=torch.float32, device=self.device)
+
+    def sync_tied_grads(self, embedding_group) -> None:
+        """Sum the gradients of pipeline-tied parameters over the group holding their copies (Megatron's
+        embedding group), so both copies take the same step and never drift. Call after finish_grad_sync()."""
+        if embedding_group is None:
+            return
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                if param_info(p).tied is not None:
+                    comm.all_reduce(self.main_grad(p), embedding_group)
 
     def step(self, lr: float | None = None) -> tuple[float, bool]:
         """Reduce, unscale, check overflow on all ranks, clip, AdamW, publish. Returns (grad_norm, skipped)."""
@@ -312,34 +339,7 @@ class ZeroOptimizer:
         if self.gatherer is not None:
             self.gatherer.register_external_parameter(module, param)
 
-    # -- checkpoint --------------------------------------------------------------------------------------
-    def _layout(self) -> dict:
-        return {"stage": self.stage, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
-                "buckets": [[(tuple(getattr(p, "zero_shape", p.shape)), str(p.dtype)) for p in b.params]
-                            for b in self.buckets]}
-
-    def state_dict(self) -> dict:
-        return {"layout": self._layout(), "step": self.step_count, "master": self.master,
-                "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
-                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["layout"]
-        if saved != self._layout():
-            raise ConfigError(
-                f"the optimizer checkpoint was saved at ZeRO stage {saved['stage']}, dp {saved['dp_size']} (rank "
-                f"{saved['dp_rank']}); this run is stage {self.stage}, dp {self.dp_size} (rank {self.dp_rank}), or "
-                "the parameter shapes differ. Resume with the same stage, dp size and model.")
-        self.step_count = int(state["step"])
-        for name in ("master", "exp_avg", "exp_avg_sq"):
-            getattr(self, name).copy_(state[name])
-        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
-            self.loss_scaler.load_state_dict(state["loss_scaler"])
-        self._publish_params()
-
     # -- per-parameter state, for checkpoints that reshard ---------------------------------------------------
-    STATE_NAMES = ("master", "exp_avg", "exp_avg_sq")
-
     def param_states(self, params) -> dict:
         """{param: {"master", "exp_avg", "exp_avg_sq"}}: the whole fp32 state of each of `params` on this
         rank (its tp shard, in the parameter's shape), as fresh tensors. Collective over dp at stage >= 1: every
@@ -348,12 +348,11 @@ class ZeroOptimizer:
         wanted = {id(p) for p in params}
         out = {}
         for b in self.buckets:
-            full = {name: self._gathered(b, getattr(self, name)) for name in self.STATE_NAMES}
+            full = {name: self._gathered(b, getattr(self, name)) for name in STATE_KINDS}
             for p in b.params:
                 if id(p) in wanted:
                     s, k = b.offsets[p]
-                    shape = getattr(p, "zero_shape", p.shape)
-                    out[p] = {name: t[s:s + k].view(shape).clone() for name, t in full.items()}
+                    out[p] = {name: t[s:s + k].view(full_shape(p)).clone() for name, t in full.items()}
         return out
 
     def _gathered(self, b, flat: torch.Tensor) -> torch.Tensor:
@@ -369,12 +368,12 @@ class ZeroOptimizer:
         rank keeps only its own range. Local; call `publish_params()` once every parameter is loaded."""
         b = self.reducer.bucket_of[id(param)]
         numel = b.offsets[param][1]
-        for name in self.STATE_NAMES:
+        for name in STATE_KINDS:
             if state[name].numel() != numel:
                 raise ValueError(f"{name}: {state[name].numel()} elements for a parameter of {numel}")
         for p, a, e, off in b.own_params():
             if p is param:
-                for name in self.STATE_NAMES:
+                for name in STATE_KINDS:
                     flat = state[name].reshape(-1)[off:off + e - a]
                     getattr(self, name)[b.master_offset + a:b.master_offset + e].copy_(flat)
 
@@ -405,11 +404,6 @@ def _nbytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def _is_tied(p) -> bool:
-    return bool(getattr(p, "shared_embedding", False) or getattr(p, "shared_embedding_copy", False))
-
-
 def _counts_in_norm(p, tp_rank: int) -> bool:
-    if getattr(p, "shared_embedding_copy", False):
-        return False
-    return bool(getattr(p, "tensor_parallel", False)) or tp_rank == 0
+    info = param_info(p)
+    return not info.is_tied_copy and (info.tensor_parallel or tp_rank == 0)

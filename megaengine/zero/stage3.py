@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megaengine.parallel import comm
+from megaengine.parallel.params import full_shape, set_param_info
 from megaengine.zero.buffers import Bucket
 
 FREE, GATHERING, READY = "free", "gathering", "ready"
@@ -118,7 +119,7 @@ class ParamGatherer:
             with torch.no_grad():
                 for p in u.params:
                     s, k = u.offsets[p]
-                    p.data = u.data[s:s + k].view(p.zero_shape)
+                    p.data = u.data[s:s + k].view(full_shape(p))
 
     def _release(self, u: Bucket) -> None:
         if u.state == FREE or self.pinned:
@@ -126,8 +127,7 @@ class ParamGatherer:
         if u.state == GATHERING and u.work is not None:
             u.work.wait()
         for p in u.params:
-            if not hasattr(p, "zero_shape"):
-                p.zero_shape = tuple(p.shape)
+            set_param_info(p, full_shape=full_shape(p))
             p.data = torch.empty(0, dtype=u.dtype, device=u.device)
         u.data.untyped_storage().resize_(0)
         u.work, u.state = None, FREE

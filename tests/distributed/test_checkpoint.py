@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megaengine.testing import rel_error, run_distributed
-from megaengine.training import checkpoint
+from megaengine import checkpoint
 from test_training import _main, assert_same_losses, model_flags, train
 
 # GQA and SwiGLU: fused parameters with unequal and equal parts. Vocabulary 512 padded to a multiple of 96 x tp:
@@ -76,7 +76,7 @@ def assert_same_tensors(root, reference_root, iteration):
     with the CPU model."""
     for kind in checkpoint.KINDS:
         _, ours = checkpoint.consolidated_state_dict(str(root), kind)
-        _, theirs = checkpoint.consolidated_state_dict(str(reference_root), kind, iteration=iteration)
+        _, theirs = checkpoint.consolidated_state_dict(str(reference_root), kind, tag=iteration)
         assert ours.keys() == theirs.keys()
         assert "word_embeddings.weight" in ours and "layers.7.mlp.fc1.weight" in ours
         assert ours["word_embeddings.weight"].shape[0] == 512  # unpadded
@@ -250,8 +250,8 @@ def test_pieces_of_all_tp_ranks_tile_each_global_tensor_once(tp, param):
         local[dim] = 768 // tp if vocab else global_shape[dim] // tp
     counts = {}
     for rank in range(tp):
-        for pc in checkpoint.param_pieces("w", local, partition_dim=dim, segments=segments, tp_rank=rank, tp_size=tp,
-                                          vocab_size=vocab):
+        for pc in checkpoint.param_pieces("w", local, tp_dim=dim, segments=segments, tp_rank=rank, tp_size=tp,
+                                          unpadded=vocab):
             hits = counts.setdefault(pc.key, torch.zeros(pc.global_shape, dtype=torch.int32))
             hits[tuple(slice(o, o + s) for o, s in zip(pc.offsets, pc.sizes))] += 1
             assert pc.local(torch.empty(local)).shape == pc.sizes
@@ -259,3 +259,63 @@ def test_pieces_of_all_tp_ranks_tile_each_global_tensor_once(tp, param):
     assert all(bool(h.eq(copies).all()) for h in counts.values())
     sizes = [h.shape[0] for _, h in sorted(counts.items())]
     assert sizes == (list(segments) if segments else [global_shape[0]])
+
+
+class _CreatesAFile:
+    """Unpickling this runs open(path, "w"): what a booby-trapped checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("victim", ["rank_00000.pt", "shard_00000.pt"])
+def test_a_checkpoint_holding_code_is_refused_and_nothing_runs(victim, tiny_corpus, tmp_path, capfd):
+    prefix, tok = tiny_corpus
+    save, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    train(1, model_flags(prefix, tok, save=save, **{"train-iters": 2}), tmp_path / "a.jsonl")
+    path = save / "iter_0000002" / victim
+    state = torch.load(path, weights_only=True)
+    state[next(iter(state))] = _CreatesAFile(str(marker))
+    torch.save(state, path)
+    meta = json.loads((save / "iter_0000002" / "meta.json").read_text())
+    meta["files"][victim] = os.path.getsize(path)  # the size matches: only the unpickler stands in the way
+    (save / "iter_0000002" / "meta.json").write_text(json.dumps(meta))
+    codes = run_distributed(_main, 1, model_flags(prefix, tok, load=save, **{"train-iters": 3}), timeout=120)
+    assert codes == [2]
+    err = capfd.readouterr().err
+    assert f"{victim}: holds something other than tensors and plain data" in err and "nothing in it ran" in err, err
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the trap is real: an unsafe load would have run it
+    assert marker.exists()
+
+
+def _export(rank, world, root, out):
+    from megaengine.tools import export_hf
+    return export_hf.main(["--load", root, "--output", out])
+
+
+def test_a_real_run_exports_its_tokenizer_and_load_hf_reads_it_back(tiny_corpus, tmp_path, capfd):
+    """The checkpoint records the tokenizer the run used; the export writes it for transformers; --load-hf
+    trains on with it, and refuses data encoded with another."""
+    import transformers
+    from megaengine.data import Tokenizer
+    prefix, tok = tiny_corpus
+    save, out = tmp_path / "ckpt", tmp_path / "hf"
+    flags = {"swiglu": True, "position-embedding-type": "rope", "normalization": "RMSNorm",
+             "disable-bias-linear": True, "untie-embeddings-and-output-weights": True}
+    train(1, model_flags(prefix, tok, save=save, **flags, **{"train-iters": 2}), tmp_path / "a.jsonl")
+    run_distributed(_export, 1, str(save), str(out))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(str(out)), Tokenizer(tok)
+    from megaengine.data import IndexedDataset
+    text = ours.decode(IndexedDataset(prefix)[0][:500].tolist())
+    assert theirs(text).input_ids == ours.encode(text) and theirs.decode(ours.encode(text)) == text
+    argv = [a for a in model_flags(prefix, tok, **flags, **{"train-iters": 1}) if a != tok]
+    argv.remove("--tokenizer-model")
+    assert sorted(train(1, argv + ["--load-hf", str(out)], tmp_path / "b.jsonl")) == [1]  # no --tokenizer-model
+    other = tmp_path / "other.model"
+    other.write_bytes(open(tok, "rb").read() + b"\0")
+    codes = run_distributed(_main, 1, argv + ["--load-hf", str(out), "--tokenizer-model", str(other)], timeout=120)
+    assert codes == [2] and "is not the tokenizer of --load-hf" in capfd.readouterr().err

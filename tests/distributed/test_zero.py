@@ -292,8 +292,56 @@ def test_engine_matches_reference_and_resumes_from_checkpoint(stage, tmp_path):
         assert gas == MICRO and steps == STEPS
         assert all(_close(p, r) for p, r in zip(straight, ref_params))
         assert resumed_equal and client == {"note": "two steps"}
-    assert (tmp_path / "latest").read_text() == "global_step2"
-    assert sorted(p.name for p in (tmp_path / "global_step2").iterdir()) == ["rank00000.pt", "rank00001.pt"]
+    # One checkpoint format for engines and pretrain_gpt.py: the pointer, then an index and a shard per rank.
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert sorted(p.name for p in (tmp_path / "iter_0000002").iterdir()) == ["meta.json", "shard_00000.pt",
+                                                                             "shard_00001.pt"]
+
+
+def _engine_save(rank, world, directory, stage):
+    from megaengine.zero import initialize
+    config = {**ENGINE_CONFIG, "zero_optimization": {**ENGINE_CONFIG["zero_optimization"], "stage": stage}}
+    engine = initialize(model=mlp(), config=config, cli={"micro_batch_size": BATCH // world})
+    _engine_run(engine, batches()[:2], rank, world)
+    engine.save_checkpoint(directory)
+
+
+def _engine_resume(rank, world, directory, stage):
+    from megaengine.zero import initialize
+    config = {**ENGINE_CONFIG, "zero_optimization": {**ENGINE_CONFIG["zero_optimization"], "stage": stage}}
+    engine = initialize(model=nn.Sequential(*mlp()), config=config, cli={"micro_batch_size": BATCH // world})
+    engine.load_checkpoint(directory)
+    _engine_run(engine, batches()[2:], rank, world)
+    with engine.optimizer.gathered_params():
+        return [p.detach().clone() for p in engine.module.parameters()], engine.global_steps
+
+
+@pytest.mark.parametrize("saved_at,resumed_at", [((2, 1), (4, 3)), ((4, 3), (1, 0)), ((2, 2), (2, 0))])
+def test_engine_checkpoint_loads_at_another_dp_size_and_stage(saved_at, resumed_at, tmp_path):
+    """Saved at (dp, stage), resumed at another: the parameters end where one process's AdamW ends."""
+    ref_params, _ = reference(mlp(), batches())
+    run_distributed(_engine_save, saved_at[0], str(tmp_path), saved_at[1])
+    for params, steps in run_distributed(_engine_resume, resumed_at[0], str(tmp_path), resumed_at[1]):
+        assert steps == STEPS
+        assert all(_close(p, r) for p, r in zip(params, ref_params))
+
+
+def _old_format_worker(rank, world, directory):
+    from megaengine.parallel import ConfigError
+    from megaengine.zero import initialize
+    engine = initialize(model=mlp(), config=ENGINE_CONFIG, cli={"micro_batch_size": BATCH})
+    try:
+        engine.load_checkpoint(directory)
+    except ConfigError as e:
+        return str(e)
+
+
+def test_old_engine_format_is_refused_with_a_clear_message(tmp_path):
+    (tmp_path / "global_step2").mkdir()
+    torch.save({"module": {}}, tmp_path / "global_step2" / "rank00000.pt")
+    (tmp_path / "latest").write_text("global_step2")
+    message = run_distributed(_old_format_worker, 1, str(tmp_path))[0]
+    assert "old per-rank format" in message and str(tmp_path) in message
 
 
 def _gpt_worker(rank, world):
