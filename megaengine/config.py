@@ -20,6 +20,7 @@ from megaengine.data.dataset import parse_data_path
 from megaengine.data.indexed import check_prefix
 from megaengine.errors import ConfigError
 from megaengine.models.gpt import GPTConfig
+from megaengine.moe.config import MoEConfig, check_moe
 from megaengine.parallel.mesh import check_layout
 from megaengine.pipeline import schedules
 from megaengine.pipeline.partition import layer_ranges
@@ -40,6 +41,7 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank
     schedule: str = "1f1b"  # the pipeline schedule (pipeline.schedules), used when pp > 1
     sequence_parallel: bool = False
+    ep: int = 1  # expert-parallel size, carved out of dp
     backend: str | None = None  # None: nccl with CUDA, else gloo
     timeout_minutes: float = 10.0
 
@@ -122,11 +124,13 @@ class Config:
         lines = [
             "megaengine configuration ([flag], [preset] or [json]: where a value came from; unmarked: default)",
             f"  layout     tp {v('tensor_model_parallel_size', p.tp)} x pp {v('pipeline_model_parallel_size', p.pp)}"
-            f" x dp {p.dp}" + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
+            f" x dp {p.dp}" + (f" (ep {v('expert_model_parallel_size', p.ep)})" if p.ep > 1 else "")
+            + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
                                 else "") + (" | sequence parallel" if p.sequence_parallel else ""),
             f"  model      {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
             f"({m.num_query_groups} kv), ffn {m.ffn_hidden_size}, seq {m.seq_length}, vocab {m.vocab_size}, "
             f"{m.position_embedding_type}, {m.normalization}{', SwiGLU' if m.swiglu else ''}",
+            *([_moe_summary(m.moe, v)] if m.moe else []),
             f"  batch      global {v('global_batch_size', t.global_batch_size)} = micro "
             f"{v('micro_batch_size', t.micro_batch_size)} x {t.micro_batches(p.dp)} accumulation x dp {p.dp}; "
             f"{v('train_iters', t.train_iters)} iterations",
@@ -141,6 +145,17 @@ class Config:
         if self.zero_config:
             lines.append(f"  DeepSpeed  {self.zero_config}: keys it leaves out took the flags' values")
         return "\n".join(lines)
+
+
+def _moe_summary(moe: MoEConfig, v) -> str:
+    capacity = ("dropless" if moe.moe_expert_capacity_factor is None else
+                f"capacity factor {v('moe_expert_capacity_factor', moe.moe_expert_capacity_factor)} "
+                f"({moe.moe_token_drop_policy})")
+    return (f"  moe        {v('num_experts', moe.num_experts)} experts, "
+            f"top {v('moe_router_topk', moe.moe_router_topk)}, "
+            f"expert ffn {moe.moe_ffn_hidden_size or 'as dense'}, every {moe.moe_layer_freq} layer(s), "
+            f"{moe.moe_token_dispatcher_type}, {capacity}, aux loss "
+            f"{v('moe_aux_loss_coeff', moe.moe_aux_loss_coeff)}, z loss {v('moe_z_loss_coeff', moe.moe_z_loss_coeff)}")
 
 
 # ---- resolution -------------------------------------------------------------------------------------------
@@ -163,6 +178,7 @@ def resolve(argv=None, world_size: int = 1) -> Config:
                           f"{pp} is not supported; use stage 1 or 2 with pipelines.")
     data = _data(values, origin)
     model = _model(values, data, parallel)
+    _check_experts(model, parallel, optim)
     checkpoint = _checkpoint(values)
     logging = LoggingConfig(
         log_interval=values["log_interval"], eval_interval=values["eval_interval"], eval_iters=values["eval_iters"],
@@ -270,6 +286,7 @@ def _parallel(values: dict, dp: int) -> ParallelConfig:
         schedules.build(schedule, pp, glob // (micro * dp), v)
     return ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=v, schedule=schedule,
                           sequence_parallel=values["sequence_parallel"] and tp > 1,
+                          ep=values["expert_model_parallel_size"],
                           backend=values["distributed_backend"], timeout_minutes=values["distributed_timeout_minutes"])
 
 
@@ -350,9 +367,18 @@ def _model(values: dict, data: DataConfig, parallel: ParallelConfig) -> GPTConfi
         make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
         init_method_std=values["init_method_std"], sequence_parallel=parallel.sequence_parallel,
         attention_backend=values["attention_backend"], normalization_backend=values["normalization_backend"],
-        init_seed=values["seed"])
+        init_seed=values["seed"], moe=MoEConfig.from_dict(values))
     config.validate(parallel.tp)
     return config
+
+
+def _check_experts(model: GPTConfig, parallel: ParallelConfig, optim: OptimConfig) -> None:
+    """Expert parallelism against the layout: experts over ep, ep out of dp; ZeRO stages 0-2 only."""
+    check_moe(model.moe, num_layers=model.num_layers, ep=parallel.ep, dp=parallel.dp, tp=parallel.tp,
+              sequence_parallel=parallel.sequence_parallel, add_bias_linear=model.add_bias_linear)
+    if parallel.ep > 1 and optim.zero.stage == 3:
+        raise ConfigError(f"ZeRO stage 3 with --expert-model-parallel-size {parallel.ep} is not supported (expert "
+                          "parameters are sharded over their own expert-data-parallel group); use stage 1 or 2.")
 
 
 def _checkpoint(values: dict) -> CheckpointConfig:

@@ -9,7 +9,6 @@ model comes out at any tp or pp.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -17,11 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megaengine.moe.config import MoEConfig, check_moe, moe_layer_pattern, moe_mlp_parameters
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
-from megaengine.parallel.params import mark_tensor_parallel, set_param_info
-from megaengine.tensor_parallel.layers import resolve_group
+from megaengine.parallel.params import mark_tensor_parallel, param_info, set_param_info
+from megaengine.tensor_parallel.layers import resolve_group, seeded_init
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class GPTConfig:
     attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
     normalization_backend: str = "auto"  # auto, torch, triton, cuda
     init_seed: int = 1234
+    moe: MoEConfig | None = None  # Mixture of Experts MLPs (megaengine.moe); None: a dense model
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
     def __post_init__(self):  # fill the derived defaults once; the config is frozen after this
@@ -65,7 +66,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: v for k, v in d.items() if k in names}
+        if isinstance(kept.get("moe"), dict):  # to_dict() writes the nested config as a dict
+            kept["moe"] = MoEConfig.from_dict(kept["moe"])
+        return cls(**kept)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +101,9 @@ class GPTConfig:
         for ok, flag, value, fix in checks:
             if not ok:
                 raise ConfigError(f"{flag}={value} {fix}.")
+        if self.moe is not None:  # the layout's part (ep against dp) is checked where the layout is known
+            check_moe(self.moe, num_layers=self.num_layers, tp=tp, sequence_parallel=self.sequence_parallel,
+                      add_bias_linear=self.add_bias_linear)
         for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", h), ("--seq-length", self.seq_length),
                             ("--num-attention-heads", heads)):
             if value < 1:
@@ -105,16 +112,8 @@ class GPTConfig:
     def padded_vocab_size(self, tp: int) -> int:
         return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
 
-
-def seeded_init(seed: int, name: str, std: float, rows: int | None = None):
-    """Initialise a full weight from a generator seeded by its name: independent of layout and build order.
-    With `rows`, only the first rows are drawn and the rest (vocabulary padding, which grows with tp) are 0."""
-    def init(t: torch.Tensor) -> None:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        n = t.shape[0] if rows is None else rows
-        t.zero_()
-        t[:n].copy_(torch.randn((n,) + tuple(t.shape[1:]), generator=g) * std)
-    return init
+    def is_moe_layer(self, layer_number: int) -> bool:
+        return self.moe is not None and moe_layer_pattern(self.num_layers, self.moe.moe_layer_freq)[layer_number]
 
 
 class Norm(nn.Module):
@@ -240,14 +239,20 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: GPTConfig, layer_number: int, group):
+    """`ep_group`: the expert-parallel group of an MoE layer's experts (None: this rank holds them all)."""
+
+    def __init__(self, config: GPTConfig, layer_number: int, group, ep_group=None):
         super().__init__()
         name = f"layers.{layer_number}"
         self.config = config
         self.input_norm = Norm(config, config.hidden_size, group)
         self.attention = Attention(config, f"{name}.attention", group)
         self.post_attention_norm = Norm(config, config.hidden_size, group)
-        self.mlp = MLP(config, f"{name}.mlp", group)
+        if config.is_moe_layer(layer_number):
+            from megaengine.moe.layer import MoEMLP  # here, not at the top: its grouped GEMM imports Triton
+            self.mlp = MoEMLP(config, config.moe, f"{name}.mlp", group, ep_group)
+        else:
+            self.mlp = MLP(config, f"{name}.mlp", group)
 
     def forward(self, x, rope=None):
         x = x + self._dropout(self.attention(self.input_norm(x), rope))
@@ -272,10 +277,10 @@ class GPT(nn.Module):
     """
 
     def __init__(self, config: GPTConfig, tp_group=None, *, layers: tuple[int, int] | None = None,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, ep_group=None):
         super().__init__()
         group = resolve_group(tp_group)
-        self.config, self.tp_group = config, group
+        self.config, self.tp_group, self.ep_group = config, group, ep_group
         self.tp_size = dist.get_world_size(group)
         config.validate(self.tp_size)
         self.pre_process, self.post_process = pre_process, post_process
@@ -297,7 +302,7 @@ class GPT(nn.Module):
             if self.learned_positions:
                 self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
                 seeded_init(seed, "position_embeddings", std)(self.position_embeddings.weight.data)
-        self.layers = nn.ModuleList(TransformerLayer(config, i, group) for i in range(start, end))
+        self.layers = nn.ModuleList(TransformerLayer(config, i, group, ep_group) for i in range(start, end))
         if post_process:
             self.final_norm = Norm(config, h, group)
             if config.untie_embeddings_and_output_weights:
@@ -336,6 +341,10 @@ class GPT(nn.Module):
                 w = w[: self.config.vocab_size]
                 w = torch.cat([w, w.new_zeros(self.vocab_size - w.shape[0], w.shape[1])])
             w = take_shard(w, p, rank, self.tp_size)
+            ep_dim = param_info(p).ep_dim
+            if ep_dim is not None:  # all experts stacked: this rank's block of them
+                n = p.shape[ep_dim]
+                w = w.narrow(ep_dim, (0 if self.ep_group is None else dist.get_rank(self.ep_group)) * n, n)
             if w.shape != p.shape:
                 raise ConfigError(f"weights for {key!r} have shape {tuple(w.shape)} on this rank; the model expects "
                                   f"{tuple(p.shape)}.")
@@ -454,17 +463,25 @@ def generate(last_logits, ids: torch.Tensor, new_tokens: int, *, seq_length: int
 
 
 def count_parameters(config: GPTConfig, tp: int = 1) -> dict:
-    """Parameter counts of the whole model: `total`, and `matmul` (weights used in matrix multiplies,
-    the output projection included), which the model-FLOPs formula counts."""
+    """Parameter counts of the whole model: `total` (all of them: what memory holds), `matmul` (the weights
+    a token's forward multiplies by, the output projection included: what the model-FLOPs formula counts) and
+    `active` (total less the experts a token does not visit). With MoE layers, `matmul` and `active` count the
+    router and the top-k experts, `total` all experts."""
     h, L, V = config.hidden_size, config.num_layers, config.padded_vocab_size(tp)
     d, heads, groups, ffn = config.kv_channels, config.num_attention_heads, config.num_query_groups, config.ffn_hidden_size
     attn = h * (heads + 2 * groups) * d + heads * d * h
     mlp = h * ffn * (3 if config.swiglu else 2)
-    matmul = L * (attn + mlp) + V * h
+    moe_layers = sum(config.is_moe_layer(i) for i in range(L))
+    experts = {"total": mlp, "active": mlp}
+    if moe_layers:
+        experts = moe_mlp_parameters(h, ffn, config.moe, config.swiglu)
+    mlps = {kind: (L - moe_layers) * mlp + moe_layers * n for kind, n in experts.items()}
     bias = 0
     if config.add_bias_linear:
         bias = L * ((heads + 2 * groups) * d + h + (2 * ffn if config.swiglu else ffn) + h)
     norms = (2 * L + 1) * h * (2 if config.normalization == "LayerNorm" else 1)
     embed = V * h + (config.max_position_embeddings * h if config.position_embedding_type == "learned_absolute" else 0)
     untied = V * h if config.untie_embeddings_and_output_weights else 0
-    return {"total": L * (attn + mlp) + bias + norms + embed + untied, "matmul": matmul}
+    total = L * attn + mlps["total"] + bias + norms + embed + untied
+    return {"total": total, "matmul": L * attn + mlps["active"] + V * h,
+            "active": total - mlps["total"] + mlps["active"]}

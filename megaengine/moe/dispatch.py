@@ -41,22 +41,31 @@ def combine(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> t
     return (full.view(tokens, k, -1) * weights.unsqueeze(-1).to(rows.dtype)).sum(dim=1)
 
 
+def group_size_rank(group) -> tuple[int, int]:
+    """(size, rank) in the expert-parallel group; None means no expert parallelism (the mesh's ep_group at ep 1)."""
+    return (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+
+
 class Dispatcher:
-    """Rank r of `group` holds experts [r E/ep, (r+1) E/ep)."""
+    """Rank r of `group` holds experts [r E/ep, (r+1) E/ep); `group` None: this rank holds them all."""
 
     def __init__(self, num_experts: int, group):
         self.num_experts, self.group = num_experts, group
-        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.size, self.rank = group_size_rank(group)
         self.local_experts = num_experts // self.size
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+        if self.size == 1:  # every expert is here: no communication, whichever dispatcher
+            slots, counts = sort_by_expert(routing.experts, 0, self.num_experts, routing.kept)
+            return combine(experts(x[slots // routing.experts.shape[1]], counts), slots, routing.weights)
+        return self.dispatch(x, routing, experts)
 
 
 class AllToAllDispatcher(Dispatcher):
-    def __call__(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         k, n, local = routing.experts.shape[1], self.size, self.local_experts
         slots, counts = sort_by_expert(routing.experts, 0, self.num_experts, routing.kept)
         rows = x[slots // k]
-        if n == 1:
-            return combine(experts(rows, counts), slots, routing.weights)
         # Everyone learns every rank's per-expert counts: the split sizes of both all-to-alls.
         matrix = counts.new_empty(n * self.num_experts)
         comm.all_gather_into_tensor(matrix, counts, self.group)
@@ -73,7 +82,7 @@ class AllToAllDispatcher(Dispatcher):
 
 
 class AllGatherDispatcher(Dispatcher):
-    def __call__(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         ids = routing.experts if routing.kept is None else routing.experts.masked_fill(~routing.kept, -1)
         x_all = comm.all_gather_sequence(x, self.group, dim=0)
         weights_all = comm.all_gather_sequence(routing.weights, self.group, dim=0)

@@ -10,17 +10,17 @@ Expert e's weights come from a generator seeded by its global name, so every ep 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megaengine.kernels.grouped_gemm import grouped_linear
-from megaengine.tensor_parallel.layers import replicated_param
+from megaengine.moe.dispatch import group_size_rank
+from megaengine.parallel.params import set_param_info
+from megaengine.tensor_parallel.layers import replicated_param, seeded_init
 
 
 def seeded_stack(seed: int, names: list[str], shape: tuple, std: float) -> torch.Tensor:
     """(len(names), *shape): each slice drawn from the generator seeded by its name, as gpt.seeded_init does."""
-    from megaengine.models.gpt import seeded_init  # gpt builds MoE layers: imported late to avoid a cycle
     out = torch.empty((len(names),) + tuple(shape))
     for name, piece in zip(names, out):
         seeded_init(seed, name, std)(piece)
@@ -32,7 +32,7 @@ class GroupedMLP(nn.Module):
                  std: float, out_std: float, swiglu: bool = True, gelu_approximate: str = "none", ep_group=None,
                  tp_group=None, sequence_parallel: bool = False, backend: str | None = None):
         super().__init__()
-        ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+        ep, rank = group_size_rank(ep_group)
         self.num_local = num_experts // ep
         self.first_expert = rank * self.num_local
         self.swiglu, self.gelu_approximate, self.backend = swiglu, gelu_approximate, backend
@@ -42,6 +42,8 @@ class GroupedMLP(nn.Module):
         self.fc1 = nn.Parameter(seeded_stack(init_seed, [f"{n}.fc1" for n in names], (fc1_rows, hidden_size), std))
         self.fc2 = nn.Parameter(seeded_stack(init_seed, [f"{n}.fc2" for n in names], (hidden_size, ffn_hidden_size),
                                              out_std))
+        for w in (self.fc1, self.fc2):  # experts stacked in dim 0, split over ep (reduced over expert_dp)
+            set_param_info(w, ep_dim=0)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (rows, hidden) sorted by local expert, counts (local experts,) rows each."""

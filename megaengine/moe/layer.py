@@ -23,6 +23,7 @@ from megaengine.moe.config import MoEConfig
 from megaengine.moe.dispatch import DISPATCHERS
 from megaengine.moe.experts import GroupedMLP
 from megaengine.moe.router import Router
+from megaengine.tensor_parallel.layers import seeded_init
 
 
 class AuxLossBackward(torch.autograd.Function):
@@ -46,7 +47,6 @@ class MoEMLP(nn.Module):
 
     def __init__(self, config, moe: MoEConfig, layer_name: str, tp_group, ep_group, *, backend: str | None = None):
         super().__init__()
-        from megaengine.models.gpt import seeded_init  # gpt builds MoE layers: imported late to avoid a cycle
         self.moe, self.aux_loss_scale = moe, 1.0
         std, sp = config.init_method_std, config.sequence_parallel
         self.router = Router(config.hidden_size, moe, init_method=seeded_init(config.init_seed, f"{layer_name}.router",

@@ -26,10 +26,18 @@ class ParamInfo:
     tied: str | None = None
     # The parameter's shape while ZeRO-3 keeps only a flat shard and the tensor itself is empty.
     full_shape: tuple[int, ...] | None = None
+    # MoE experts: the dim (stacked experts) split over the expert-parallel group, ep rank r holding the r-th
+    # block. Such a parameter is a replica only among the ranks holding the same experts (expert_dp), so its
+    # gradient is reduced and its ZeRO state sharded over expert_dp instead of dp (still averaged over dp).
+    ep_dim: int | None = None
 
     @property
     def tensor_parallel(self) -> bool:
         return self.tp_dim is not None
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.ep_dim is not None
 
     @property
     def is_tied_copy(self) -> bool:

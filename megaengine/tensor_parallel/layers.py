@@ -11,6 +11,7 @@ sequence, layout (seq, batch, hidden)); the column layer all-gathers them, the r
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +35,17 @@ def resolve_group(group):
 
 def normal_init(std: float = 0.02) -> InitMethod:
     return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+
+
+def seeded_init(seed: int, name: str, std: float, rows: int | None = None):
+    """Initialise a full weight from a generator seeded by its name: independent of layout and build order.
+    With `rows`, only the first rows are drawn and the rest (vocabulary padding, which grows with tp) are 0."""
+    def init(t: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        n = t.shape[0] if rows is None else rows
+        t.zero_()
+        t[:n].copy_(torch.randn((n,) + tuple(t.shape[1:]), generator=g) * std)
+    return init
 
 
 def shard_rows(full: torch.Tensor, rank: int, size: int, segments: Sequence[int] | None = None) -> torch.Tensor:

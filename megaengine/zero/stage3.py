@@ -56,7 +56,7 @@ class ParamGatherer:
         self.unit_of: dict[int, Bucket] = {}
         self.uses: dict[int, list[Bucket]] = {}  # id(module) -> units its forward needs
         for i, (module, params) in enumerate(unit_modules):
-            u = Bucket(first_index + i, params, size, rank)
+            u = Bucket(first_index + i, params, size, rank, dp_group)
             u.shard = u.data[u.lo:u.hi].clone()
             u.state, u.work, u.active = READY, None, 0  # active: modules inside their forward using it
             self.units.append(u)

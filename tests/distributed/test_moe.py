@@ -22,7 +22,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megaengine.moe import expert_group_ranks
 from megaengine.testing import rel_error, run_distributed
 
 TOL = 1e-5
@@ -67,19 +66,26 @@ def _reference(config, name, d, capacity, policy):
     return {**ref, "dx": x.grad, "router": router.grad, "fc1": fc1.grad, "fc2": fc2.grad}
 
 
+def ep_groups(world, tp, ep):
+    """The expert-parallel groups of global ranks, as the mesh makes them with pp 1: ep consecutive dp ranks."""
+    dp = world // tp
+    return [[(g * ep + e) * tp + t for e in range(ep)] for g in range(dp // ep) for t in range(tp)]
+
+
 def _layout(rank, world, tp, ep):
-    from megaengine.moe import new_expert_groups
-    tp_groups = [dist.new_group(list(range(i, i + tp))) for i in range(0, world, tp)]
-    ep_group, _ = new_expert_groups(world // tp, 1, tp, ep)
-    members = next(g for g in expert_group_ranks(world // tp, 1, tp, ep)[0] if rank in g)
-    return tp_groups[rank // tp], ep_group, [m // tp for m in members]
+    """(the mesh's state, the dp indices of this rank's expert-parallel group)."""
+    from megaengine import parallel
+    state = parallel.initialize(tp=tp, ep=ep)
+    members = next(g for g in ep_groups(world, tp, ep) if rank in g)
+    return state, [m // tp for m in members]
 
 
 def _case(rank, world, tp, ep, variants):
     from megaengine.models.gpt import GPTConfig
     from megaengine.moe import MoEConfig, MoEMLP, pop_moe_stats
     from megaengine.parallel.comm import comm_stats
-    tp_group, ep_group, member_dps = _layout(rank, world, tp, ep)
+    state, member_dps = _layout(rank, world, tp, ep)
+    tp_group, ep_group = state.tp_group, state.ep_group
     d, t, sp = rank // tp, rank % tp, tp > 1
     config = GPTConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_layers=2, swiglu=True, sequence_parallel=sp,
                        init_seed=11)
@@ -166,7 +172,7 @@ def test_moe_layer_matches_the_token_loop(tp, ep):
                     got = c[phase].get(op, 0)
                     assert got == want, f"rank {rank} {label} {phase} {op}: {got} bytes, theory {want}"
     if ep > 1:  # summed over an expert group: 2 k T h elements per rank before drops, T its tokens
-        for members in expert_group_ranks(4 // tp, 1, tp, ep)[0]:
+        for members in ep_groups(4, tp, ep):
             sent = sum(results[r][1]["alltoall"]["forward"]["all_to_all"] for r in members)
             assert sent == 2 * TOPK * (SEQ * BATCH // tp) * HIDDEN * 4 * ep
 
@@ -221,12 +227,11 @@ def _steps_case(rank, world, tp, ep):
     """The rule the trainer must follow: dense (router) gradients averaged over dp; expert gradients summed over
     the expert-data-parallel group and divided by dp (not edp): the owner already holds its ep group's sum."""
     from megaengine.models.gpt import GPTConfig
-    from megaengine.moe import MoEConfig, MoEMLP, new_expert_groups
+    from megaengine.moe import MoEConfig, MoEMLP
     from megaengine.testing import single_rank_groups
     dp, d, t = world // tp, rank // tp, rank % tp
-    tp_group, ep_group, _ = _layout(rank, world, tp, ep)
-    dp_group = [dist.new_group(list(range(i, world, tp))) for i in range(tp)][t]
-    _, edp_group = new_expert_groups(dp, 1, tp, ep)
+    state, _ = _layout(rank, world, tp, ep)
+    tp_group, ep_group, dp_group, edp_group = state.tp_group, state.ep_group, state.dp_group, state.expert_dp_group
     alone = single_rank_groups()
     moe = MoEConfig(num_experts=EXPERTS, moe_router_topk=TOPK, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=ZLOSS)
 
