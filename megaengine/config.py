@@ -324,11 +324,12 @@ def _data(values: dict, origin: dict) -> DataConfig:
     if tokenizer and not os.path.exists(tokenizer):
         raise ConfigError(f"--tokenizer-model {tokenizer}: no such file.")
     if hf_dir and values["data_path"]:  # the Hugging Face directory's tokenizer is the default, and must agree
-        theirs = hf_tokenizer_model(hf_dir)
-        if tokenizer and not same_file(tokenizer, theirs):
+        theirs = os.path.join(hf_dir, "tokenizer.model")
+        if not tokenizer:
+            tokenizer = hf_tokenizer_model(hf_dir)
+        elif os.path.isfile(theirs) and not same_file(tokenizer, theirs):
             raise ConfigError(f"--tokenizer-model {tokenizer} is not the tokenizer of --load-hf {hf_dir} ({theirs}); "
                               "train on data encoded with the model's own tokenizer, or drop --tokenizer-model.")
-        tokenizer = tokenizer or theirs
     if tokenizer and origin["vocab_size"] == "flag":
         raise ConfigError(f"--vocab-size {values['vocab_size']} sizes the tokenizer built for the embedded corpus, "
                           f"but --tokenizer-model {tokenizer} brings its own vocabulary; drop --vocab-size.")

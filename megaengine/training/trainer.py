@@ -50,18 +50,25 @@ class PeerTimeout(RuntimeError):
 _PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "nccl")
 
 
-@contextlib.contextmanager
-def watch(phase: str, iteration: int, state, minutes: float):
-    """Name the rank, iteration and phase when a peer stops answering, instead of a bare backend error."""
-    try:
-        yield
-    except RuntimeError as e:
-        if isinstance(e, PeerTimeout) or not any(w in str(e).lower() for w in _PEER_FAILURES):
-            raise
-        raise PeerTimeout(
-            f"rank {dist.get_rank()} (tp {state.tp_rank}, pp {state.pp_rank}, dp {state.dp_rank}) gave up in "
-            f"{phase} of iteration {iteration}: a peer did not answer within --distributed-timeout-minutes "
-            f"{minutes:g} (it is stuck, slow or dead). Backend said: {str(e)[:300]}") from None
+class Watch:
+    """`with watch(phase, iteration):` names the rank, iteration and phase when a peer stops answering, instead
+    of a bare backend error."""
+
+    def __init__(self, state, minutes: float):
+        self.state, self.minutes = state, minutes
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str, iteration: int):
+        try:
+            yield
+        except RuntimeError as e:
+            if isinstance(e, PeerTimeout) or not any(w in str(e).lower() for w in _PEER_FAILURES):
+                raise
+            s = self.state
+            raise PeerTimeout(
+                f"rank {dist.get_rank()} (tp {s.tp_rank}, pp {s.pp_rank}, dp {s.dp_rank}) gave up in {phase} of "
+                f"iteration {iteration}: a peer did not answer within --distributed-timeout-minutes "
+                f"{self.minutes:g} (it is stuck, slow or dead). Backend said: {str(e)[:300]}") from None
 
 
 def main(argv=None) -> int:
@@ -83,9 +90,7 @@ def main(argv=None) -> int:
 
 
 def train(cfg: Config) -> None:
-    p = cfg.parallel
-    state = parallel.initialize(p.tp, p.pp, ep=p.ep, backend=p.backend, seed=cfg.train.seed,
-                                timeout_minutes=p.timeout_minutes)
+    state = initialize_mesh(cfg)
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     say(cfg.summary(), flush=True)
     data = build_data(cfg, state, say)
@@ -97,40 +102,35 @@ def train(cfg: Config) -> None:
     loader = MicroBatchLoader(data.train, cfg.train.micro_batch_size, state.dp_rank, state.dp_size)
     checkpoints = TrainingCheckpoints(cfg, state, chunks, optimizer, loader, data.tokenizer.model_path)
     iteration = checkpoints.resume(say)
-    logger = progress_logger(cfg, state)
-    say(f"megaengine: {parameter_summary(cfg.model, state.tp_size)} | tp {state.tp_size} pp {state.pp_size} "
-        f"dp {state.dp_size}{f' ep {state.ep_size}' if state.ep_size > 1 else ''} | {state.device}", flush=True)
-    lr_at, window, skips = lr_schedule(cfg.optim), LossWindow(cfg, state), SkipGuard(cfg)
-    exit_signal, minutes = ExitSignal(cfg.train.exit_signal_handler), p.timeout_minutes
+    logger, lr_at, window, skips = progress_logger(cfg, state, say), lr_schedule(cfg.optim), LossWindow(cfg, state), \
+        SkipGuard(cfg)
+    exit_signal, watch = ExitSignal(cfg.train.exit_signal_handler), Watch(state, cfg.parallel.timeout_minutes)
     for c in chunks:
         c.train()
     while iteration < cfg.train.train_iters:
         lr, start = lr_at(iteration), time.monotonic()
-        with watch("forward, backward and gradient reduction", iteration + 1, state, minutes):
+        with watch("forward, backward and gradient reduction", iteration + 1):
             batches = next_batches(loader, cfg.train.micro_batches(state.dp_size), state.device, cfg.model.vocab_size)
             loss = train_step(chunks, optimizer, batches, plan, state)
-        with watch("the optimizer step", iteration + 1, state, minutes):
+        with watch("the optimizer step", iteration + 1):
             grad_norm, skipped = optimizer.step(lr)
         iteration += 1
         window.add(loss, time.monotonic() - start, skipped)
         skips.record(skipped, iteration, grad_norm, optimizer.loss_scale, say)
         if window.due(iteration):
-            with watch("loss logging", iteration, state, minutes):
+            with watch("loss logging", iteration):
                 logger.log(iteration, lr=lr, grad_norm=grad_norm, **window.flush(),
                            extra=moe_metrics(chunks, cfg, state))
         skips.stop_if_too_many(iteration)
         if evaluation_due(cfg, iteration) and data.valid is not None:
-            with watch("evaluation", iteration, state, minutes):
+            with watch("evaluation", iteration):
                 logger.log_eval(iteration, evaluate(chunks, data.valid, cfg, state, plan))
-        with watch("the exit-signal check", iteration, state, minutes):
-            signalled = exit_signal.any_rank(state.device)
-        exiting = signalled or bool(cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0)
+        with watch("the exit-signal check", iteration):
+            exiting = exit_signal.any_rank(state.device) or exit_interval_reached(cfg, iteration, say)
         if save_due(cfg, iteration, exiting, skips.consecutive):
-            with watch("the checkpoint save", iteration, state, minutes):
+            with watch("the checkpoint save", iteration):
                 checkpoints.save(iteration)
         if exiting:
-            say(f"exiting at iteration {iteration} ("
-                f"{'SIGTERM received' if signalled else f'--exit-interval {cfg.train.exit_interval}'})", flush=True)
             break
     logger.close()
     if not exit_signal.received:
@@ -238,14 +238,17 @@ def plan_pipeline(cfg: Config, state) -> PipelinePlan | None:
                         60.0 * p.timeout_minutes)
 
 
-def parameter_summary(config, tp: int) -> str:
-    counts = count_parameters(config, tp)
-    active = f" ({counts['active'] / 1e6:.2f}M active per token)" if config.moe else ""
-    return f"{counts['total'] / 1e6:.2f}M parameters{active}"
+def initialize_mesh(cfg: Config):
+    p = cfg.parallel
+    return parallel.initialize(p.tp, p.pp, ep=p.ep, backend=p.backend, seed=cfg.train.seed,
+                               timeout_minutes=p.timeout_minutes)
 
 
-def progress_logger(cfg: Config, state) -> ProgressLogger:
+def progress_logger(cfg: Config, state, say) -> ProgressLogger:
     counts = count_parameters(cfg.model, state.tp_size)
+    active = f" ({counts['active'] / 1e6:.2f}M active per token)" if cfg.model.moe else ""
+    say(f"megaengine: {counts['total'] / 1e6:.2f}M parameters{active} | tp {state.tp_size} pp {state.pp_size} "
+        f"dp {state.dp_size}{f' ep {state.ep_size}' if state.ep_size > 1 else ''} | {state.device}", flush=True)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_length
     return ProgressLogger(total_iters=cfg.train.train_iters, tokens_per_iter=tokens_per_iter,
                           flops_per_iter=tokens_per_iter * flops_per_token(cfg.model, counts["matmul"]),
@@ -395,6 +398,13 @@ def evaluation_due(cfg: Config, iteration: int) -> bool:
                                            or iteration == cfg.train.train_iters)
 
 
+def exit_interval_reached(cfg: Config, iteration: int, say) -> bool:
+    if not (cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0):
+        return False
+    say(f"exiting at iteration {iteration} (--exit-interval {cfg.train.exit_interval})", flush=True)
+    return True
+
+
 def save_due(cfg: Config, iteration: int, exiting: bool, consecutive_skips: int) -> bool:
     """At --save-interval, at the end and when exiting; never inside a run of skipped steps, so the newest
     checkpoint stays the last good one."""
@@ -421,6 +431,8 @@ class ExitSignal:
         flag = torch.tensor([float(self.received)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.received = bool(flag.item())
+        if self.received and dist.get_rank() == 0:
+            print("SIGTERM received: saving and exiting", flush=True)
         return self.received
 
 

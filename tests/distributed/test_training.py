@@ -116,6 +116,28 @@ def zero_json(tmp_path, stage, offload=False):
     return str(path)
 
 
+# The plainest DeepSpeed file plus flags trains the curve of the flags alone (issue 10.1): keys it leaves out take
+# the flags' values (here the optimizer, clipping, batch and precision of `reference`).
+PLAIN_JSON_LAYOUTS = {
+    "zero0-dp2": (2, {"zero_optimization": {"stage": 0}}, {}),
+    "zero1-tp2-dp2": (4, {"zero_optimization": {"stage": 1}}, {"tp": 2}),
+    "zero2-pp2-dp2": (4, {"zero_optimization": {"stage": 2}}, {"pp": 2}),
+    "zero3-dp2": (2, {"zero_optimization": {"stage": 3}}, {}),
+    "issue-repro-auto": (1, {"zero_optimization": {"stage": 1}, "train_batch_size": "auto",
+                             "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}, {}),
+}
+
+
+@pytest.mark.parametrize("layout", list(PLAIN_JSON_LAYOUTS))
+def test_a_plain_deepspeed_json_trains_the_flags_curve(layout, reference, tiny_corpus, tmp_path):
+    prefix, tok = tiny_corpus
+    world, content, over = PLAIN_JSON_LAYOUTS[layout]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    losses = train(world, model_flags(prefix, tok, **over, **{"zero-config": path}), tmp_path / "m.jsonl")
+    assert_same_losses(losses, reference, layout)
+
+
 ZERO_LAYOUTS = {
     "dp2-zero1": (2, 1, {}),
     "dp2-zero2": (2, 2, {}),
