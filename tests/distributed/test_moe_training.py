@@ -168,3 +168,13 @@ def test_zero_shards_expert_state_over_expert_dp(stage):
         grads = per_rank if stage == 2 else dense + experts
         assert 4 * grads <= report["grad_bytes"] <= 4 * (grads + 4 * buckets)
         assert 4 * (dense + experts) <= report["param_bytes"] <= 4 * (dense + experts + 4 * buckets)
+
+
+def test_readme_moe_command_resolves():
+    """`torchrun --nproc_per_node 4 pretrain_gpt.py --config configs/moe-tiny.json --ep 2 --tp 2`: a valid layout
+    (dp 2 of which ep 2, sequence parallel from the preset) and the MoE model the README describes."""
+    cfg = resolve(["--config", "configs/moe-tiny.json", "--ep", "2", "--tp", "2"], 4)
+    p, moe = cfg.parallel, cfg.model.moe
+    assert (p.tp, p.dp, p.ep, p.sequence_parallel) == (2, 2, 2, True)
+    assert (moe.num_experts, moe.moe_router_topk, moe.moe_token_dispatcher_type) == (8, 2, "alltoall")
+    assert moe.moe_aux_loss_coeff > 0 and "ep 2 [flag]" in cfg.summary()
