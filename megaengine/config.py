@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from megaengine.checkpoint import latest_tag
+from megaengine.context_parallel.validate import check_context_parallel
 from megaengine.data import Tokenizer
 from megaengine.data.dataset import parse_data_path
 from megaengine.data.indexed import check_prefix
@@ -42,6 +43,8 @@ class ParallelConfig:
     schedule: str = "1f1b"  # the pipeline schedule (pipeline.schedules), used when pp > 1
     sequence_parallel: bool = False
     ep: int = 1  # expert-parallel size, carved out of dp
+    cp: int = 1  # context parallel: ranks sharing each sequence
+    cp_comm_type: str = "p2p"  # "p2p" (ring attention) or "a2a" (all-to-all, Ulysses)
     backend: str | None = None  # None: nccl with CUDA, else gloo
     timeout_minutes: float = 10.0
 
@@ -124,9 +127,12 @@ class Config:
         lines = [
             "megaengine configuration ([flag], [preset] or [json]: where a value came from; unmarked: default)",
             f"  layout     tp {v('tensor_model_parallel_size', p.tp)} x pp {v('pipeline_model_parallel_size', p.pp)}"
-            f" x dp {p.dp}" + (f" (ep {v('expert_model_parallel_size', p.ep)})" if p.ep > 1 else "")
+            + (f" x cp {v('context_parallel_size', p.cp)}" if p.cp > 1 else "")
+            + f" x dp {p.dp}" + (f" (ep {v('expert_model_parallel_size', p.ep)})" if p.ep > 1 else "")
             + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
-                                else "") + (" | sequence parallel" if p.sequence_parallel else ""),
+                                else "") + (" | sequence parallel" if p.sequence_parallel else "")
+            + (f" | context parallel {v('cp_comm_type', p.cp_comm_type)}, {m.seq_length // p.cp} tokens per rank, "
+               f"attention dropout {m.attention_dropout}" if p.cp > 1 else ""),
             f"  model      {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
             f"({m.num_query_groups} kv), ffn {m.ffn_hidden_size}, seq {m.seq_length}, vocab {m.vocab_size}, "
             f"{m.position_embedding_type}, {m.normalization}{', SwiGLU' if m.swiglu else ''}",
@@ -167,7 +173,7 @@ def resolve(argv=None, world_size: int = 1) -> Config:
     _check_data_files(values)
     _require(values, [k for k in REQUIRED if not (values["zero_config"] and k in _SHARED)])
     tp, pp = values["tensor_model_parallel_size"], values["pipeline_model_parallel_size"]
-    dp = check_layout(world_size, tp, pp, None)
+    dp = check_layout(world_size, tp, pp, None, values["context_parallel_size"])
     ds = _merge_deepspeed(values, origin, dp) if values["zero_config"] else None
     _require(values, REQUIRED)
     parallel = _parallel(values, dp)
@@ -177,8 +183,13 @@ def resolve(argv=None, world_size: int = 1) -> Config:
         raise ConfigError(f"--zero-config {values['zero_config']}: ZeRO stage 3 with --pipeline-model-parallel-size "
                           f"{pp} is not supported; use stage 1 or 2 with pipelines.")
     data = _data(values, origin)
+    _context_parallel_defaults(values, origin, parallel)
     model = _model(values, data, parallel)
     _check_experts(model, parallel, optim)
+    check_context_parallel(parallel.cp, parallel.cp_comm_type, seq_length=model.seq_length, tp=parallel.tp,
+                           sequence_parallel=model.sequence_parallel, num_attention_heads=model.num_attention_heads,
+                           num_query_groups=model.num_query_groups, attention_dropout=model.attention_dropout,
+                           attention_backend=model.attention_backend)
     checkpoint = _checkpoint(values)
     logging = LoggingConfig(
         log_interval=values["log_interval"], eval_interval=values["eval_interval"], eval_iters=values["eval_iters"],
@@ -287,7 +298,15 @@ def _parallel(values: dict, dp: int) -> ParallelConfig:
     return ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=v, schedule=schedule,
                           sequence_parallel=values["sequence_parallel"] and tp > 1,
                           ep=values["expert_model_parallel_size"],
+                          cp=values["context_parallel_size"], cp_comm_type=values["cp_comm_type"],
                           backend=values["distributed_backend"], timeout_minutes=values["distributed_timeout_minutes"])
+
+
+def _context_parallel_defaults(values: dict, origin: dict, parallel: ParallelConfig) -> None:
+    """Context-parallel attention has no dropout: with --cp > 1 the default attention dropout (0.1) becomes 0; a
+    value the user chose is checked (and refused) by check_context_parallel."""
+    if parallel.cp > 1 and origin["attention_dropout"] == "default":
+        values["attention_dropout"] = 0.0
 
 
 def _training(values: dict, dp: int) -> TrainingConfig:
@@ -377,6 +396,9 @@ def _check_experts(model: GPTConfig, parallel: ParallelConfig, optim: OptimConfi
     """Expert parallelism against the layout: experts over ep, ep out of dp; ZeRO stages 0-2 only."""
     check_moe(model.moe, num_layers=model.num_layers, ep=parallel.ep, dp=parallel.dp, tp=parallel.tp,
               sequence_parallel=parallel.sequence_parallel, add_bias_linear=model.add_bias_linear)
+    if model.moe is not None and parallel.cp > 1:
+        raise ConfigError(f"--num-experts with --context-parallel-size {parallel.cp} is not supported yet: the router's "
+                          "load-balancing statistics would need summing over the cp ranks' sequence chunks; use cp 1.")
     if parallel.ep > 1 and optim.zero.stage == 3:
         raise ConfigError(f"ZeRO stage 3 with --expert-model-parallel-size {parallel.ep} is not supported (expert "
                           "parameters are sharded over their own expert-data-parallel group); use stage 1 or 2.")

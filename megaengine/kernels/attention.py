@@ -554,17 +554,22 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None, return_lse=Fal
     return (out, lse) if return_lse else out
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, backend=None):
-    """softmax(q k^T * scale [+ causal mask]) v for q (batch, heads, seq, head_dim) and k, v with kv heads
-    dividing heads. backend: "triton", "torch" (the reference) or None (Triton on CUDA, torch on CPU)."""
-    backend = resolve_backend(backend, q, ("triton", "torch"))
-    if backend == "torch":
-        return attention_reference(q, k, v, causal, softmax_scale)
+def check_triton_inputs(q, k, v) -> None:
+    """Raise ValueError for shapes, head dims or dtypes the Triton kernels do not take."""
     _check_shapes(q, k, v)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"Triton flash_attention supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}; "
                          "use backend='torch' for other sizes")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"Triton flash_attention supports fp16, bf16 and fp32, got {q.dtype}")
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None, backend=None):
+    """softmax(q k^T * scale [+ causal mask]) v for q (batch, heads, seq, head_dim) and k, v with kv heads
+    dividing heads. backend: "triton", "torch" (the reference) or None (Triton on CUDA, torch on CPU)."""
+    backend = resolve_backend(backend, q, ("triton", "torch"))
+    if backend == "torch":
+        return attention_reference(q, k, v, causal, softmax_scale)
+    check_triton_inputs(q, k, v)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return FlashAttention.apply(q, k, v, bool(causal), float(scale))

@@ -3,8 +3,10 @@
 A `GPT` holds one contiguous range of transformer layers, with the embedding when it is the first pipeline
 stage and the final norm and output layer when it is the last, so a pipeline stage is just a GPT built with
 `layers=(start, end)`. Activations are (seq, batch, hidden) between layers, sequence-sharded over tp when
-sequence parallel. Every weight is created whole from a seed derived from its name, then sliced: the same
-model comes out at any tp or pp.
+sequence parallel. With a context-parallel group a rank holds its share of every sequence (context_parallel.
+layout): positions follow that share and attention runs over the whole sequence across the group. Every
+weight is created whole from a seed derived from its name, then sliced: the same model comes out at any tp,
+pp or cp.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megaengine.context_parallel import (ContextParallel, check_context_parallel, context_parallel_attention,
+                                         position_ids)
 from megaengine.moe.config import MoEConfig, check_moe, moe_layer_pattern, moe_mlp_parameters
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -179,7 +183,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(heads * d, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
                                       init_method=seeded_init(seed, f"{layer_name}.proj", out_std))
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, cp=None):
         qkv = self.qkv(x)  # (s, b, local q+k+v)
         s, b = qkv.shape[:2]
         d, hq, hk = self.head_dim, self.heads_local, self.groups_local
@@ -187,12 +191,15 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(s, b, -1, d).permute(1, 2, 0, 3) for t in (q, k, v))  # (b, heads, s, d)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.core_attention(q, k, v)  # (b, hq, s, d)
+        out = self.core_attention(q, k, v, cp)  # (b, hq, s, d)
         out = out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
         return self.proj(out)
 
-    def core_attention(self, q, k, v):
+    def core_attention(self, q, k, v, cp=None):
         backend = self.config.attention_backend
+        if cp is not None:  # GQA is handled inside; no attention dropout (checked up front)
+            return context_parallel_attention(q, k, v, cp.group, causal=True, comm_type=cp.comm_type,
+                                              backend=None if backend == "auto" else backend)
         p = self.config.attention_dropout if self.training else 0.0
         if backend == "triton":
             if p > 0.0:
@@ -254,8 +261,8 @@ class TransformerLayer(nn.Module):
         else:
             self.mlp = MLP(config, f"{name}.mlp", group)
 
-    def forward(self, x, rope=None):
-        x = x + self._dropout(self.attention(self.input_norm(x), rope))
+    def forward(self, x, rope=None, cp=None):
+        x = x + self._dropout(self.attention(self.input_norm(x), rope, cp))
         return x + self._dropout(self.mlp(self.post_attention_norm(x)))
 
     def _dropout(self, x):
@@ -274,15 +281,25 @@ class GPT(nn.Module):
     forward(x, labels=None): x is token ids (batch, seq) on the first stage, else the (seq, batch, hidden)
     activation from the previous stage. On the last stage it returns the per-token loss (batch, seq) when
     labels are given, else vocab-sharded logits (seq, batch, vocab/tp); elsewhere the activation.
+
+    `cp_group` (context parallel): x and labels are this rank's share of each sequence (context_parallel.
+    split_for_rank), and so is the loss; `cp_comm_type` "p2p" (ring) or "a2a" (all-to-all) moves K/V.
     """
 
-    def __init__(self, config: GPTConfig, tp_group=None, *, layers: tuple[int, int] | None = None,
-                 pre_process: bool = True, post_process: bool = True, ep_group=None):
+    def __init__(self, config: GPTConfig, tp_group=None, *, cp_group=None, cp_comm_type: str = "p2p",
+                 layers: tuple[int, int] | None = None, pre_process: bool = True, post_process: bool = True,
+                 ep_group=None):
         super().__init__()
         group = resolve_group(tp_group)
         self.config, self.tp_group, self.ep_group = config, group, ep_group
         self.tp_size = dist.get_world_size(group)
         config.validate(self.tp_size)
+        cp = 1 if cp_group is None else dist.get_world_size(cp_group)
+        check_context_parallel(cp, cp_comm_type, seq_length=config.seq_length, tp=self.tp_size,
+                               sequence_parallel=config.sequence_parallel,
+                               num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+                               attention_dropout=config.attention_dropout, attention_backend=config.attention_backend)
+        self.cp = ContextParallel(cp_group, cp_comm_type) if cp > 1 else None
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layers or (0, config.num_layers)
         self.layer_range = (start, end)
@@ -359,12 +376,11 @@ class GPT(nn.Module):
             return self.output_layer.weight
         return self.word_embeddings.weight if self.pre_process else self.output_weight
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         ids = ids.t()  # (seq, batch)
         x = self.word_embeddings(ids)
         if self.learned_positions:
-            pos = torch.arange(ids.shape[0], device=ids.device)
-            x = x + self.position_embeddings(pos).unsqueeze(1)
+            x = x + self.position_embeddings(positions).unsqueeze(1)
             if self.config.sequence_parallel:
                 x = comm.scatter_sequence(x, self.tp_group, dim=0)
         p = self.config.hidden_dropout if self.training else 0.0
@@ -375,20 +391,31 @@ class GPT(nn.Module):
                 return F.dropout(x, p)
         return F.dropout(x, p)
 
-    def rope(self, seq: int, device):
+    @staticmethod
+    def positions(seq: int, device, cp: ContextParallel | None) -> torch.Tensor:
+        """Where this rank's `seq` tokens sit in the sequence: 0..seq-1, or its share of cp x seq tokens."""
+        if cp is None:
+            return torch.arange(seq, device=device)
+        return position_ids(seq * cp.size, cp.size, cp.rank, device)
+
+    def rope(self, positions: torch.Tensor, seq: int):
+        """(cos, sin) rows of `positions` in a sequence of `seq` tokens."""
         if self.config.position_embedding_type != "rope":
             return None
-        return rotary_tables(seq, self.config.kv_channels, self.config.rotary_base, device)
+        cos, sin = rotary_tables(seq, self.config.kv_channels, self.config.rotary_base, positions.device)
+        return cos[positions], sin[positions]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
+                whole_sequence: bool = False) -> torch.Tensor:
+        """`whole_sequence`: x is the whole sequence on every cp rank (sampling), not this rank's share."""
+        cp = None if whole_sequence else self.cp
+        local = x.shape[1] if self.pre_process else x.shape[0] * (self.tp_size if self.config.sequence_parallel else 1)
+        positions = self.positions(local, x.device, cp)
         if self.pre_process:
-            seq = x.shape[1]
-            x = self.embed(x)
-        else:
-            seq = x.shape[0] * (self.tp_size if self.config.sequence_parallel else 1)
-        rope = self.rope(seq, x.device)
+            x = self.embed(x, positions)
+        rope = self.rope(positions, local * (1 if cp is None else cp.size))
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, rope, cp)
         if not self.post_process:
             return x
         x = self.final_norm(x)
@@ -418,7 +445,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq, vocab) logits with the padding columns dropped: for sampling and evaluation."""
-        logits = comm.gather_from_tp_region(self.forward(ids), self.tp_group, dim=-1)
+        logits = comm.gather_from_tp_region(self.forward(ids, whole_sequence=True), self.tp_group, dim=-1)
         return logits.transpose(0, 1)[..., : self.config.vocab_size]
 
     @torch.no_grad()

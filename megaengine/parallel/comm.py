@@ -3,8 +3,9 @@
 Every collective the engine issues goes through the counted wrappers here, so tests can compare the bytes a
 rank moves with the theory (ZeRO paper, Megatron papers). `comm_stats.volume` uses the ring model: an
 all-reduce of S bytes moves 2 S (n-1)/n, an all-gather or reduce-scatter of S bytes (the full tensor) moves
-S (n-1)/n. An all-to-all of S bytes (this rank's input) moves exactly what leaves the rank: S less the split it
-keeps for itself.
+S (n-1)/n, an all-to-all of S bytes (this rank's input) moves exactly what leaves the rank (S less the split it
+keeps for itself: S (n-1)/n with equal splits), and a point-to-point send of S bytes moves S ("send", one call
+per message).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class CommStats:
 
     def record(self, op: str, nbytes: int, n: int, volume: float | None = None) -> None:
         """`volume`: the bytes this rank sends, when the ring model does not give them (uneven all-to-all)."""
-        factor = {"all_reduce": 2.0}.get(op, 1.0) * (n - 1) / n
+        # A point-to-point send moves all its bytes; a collective over n ranks moves the ring-model share.
+        factor = 1.0 if op == "send" else {"all_reduce": 2.0}.get(op, 1.0) * (n - 1) / n
         self.calls[op] += 1
         self.bytes[op] += nbytes
         self.volume[op] += factor * nbytes if volume is None else volume
@@ -78,10 +80,10 @@ def reduce_scatter_tensor(out: torch.Tensor, full: torch.Tensor, group=None, op=
     return _reduce_scatter_single(out, full.contiguous(), op=op, group=group, async_op=async_op)
 
 
-def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None, group=None,
-                      async_op: bool = False):
-    """Rows of `inp` go to the ranks of `group` in `in_splits` pieces (even when None); `out` receives
-    `out_splits` rows from each rank, in rank order."""
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False, *,
+                      out_splits=None, in_splits=None):
+    """Rows of `inp` go to the ranks of `group` in `in_splits` pieces (equal pieces when None: piece j to rank
+    j); `out` receives `out_splits` rows from each rank, in rank order."""
     n = _size(group)
     if n == 1:
         out.copy_(inp.reshape(out.shape))
@@ -98,6 +100,15 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
         return None
     comm_stats.record("broadcast", _nbytes(t), n)
     return dist.broadcast(t, src=src, group=group, async_op=async_op)
+
+
+def batch_isend_irecv(ops: list) -> list:
+    """Post a list of dist.P2POp (isend / irecv, peers as global ranks) as one batch; returns the works to
+    wait on. Counts the bytes of each send."""
+    for op in ops:
+        if "send" in op.op.__name__:
+            comm_stats.record("send", _nbytes(op.tensor), 2)
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,6 +153,13 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def _all_to_all(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    all_to_all_single(out, x, group)
+    return out
+
+
 def _conjugate_pair(name: str, forward, backward):
     """An autograd Function running `forward(x, group, dim)` and, on the gradient, its conjugate `backward`."""
     def fwd(ctx, x, group, dim):
@@ -164,6 +182,8 @@ _ScatterToRegion = _conjugate_pair("ScatterToRegion", _split, _gather)
 _GatherFromRegion = _conjugate_pair("GatherFromRegion", _gather, _split)
 _AllGatherSequence = _conjugate_pair("AllGatherSequence", _gather, _reduce_scatter)
 _ReduceScatterSequence = _conjugate_pair("ReduceScatterSequence", _reduce_scatter, _gather)
+# With equal pieces an all-to-all is its own conjugate: the gradient of piece j goes back to rank j.
+_AllToAll = _conjugate_pair("AllToAll", _all_to_all, _all_to_all)
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -173,7 +193,7 @@ class _AllToAllRows(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group):
         ctx.splits, ctx.group = (in_splits, out_splits), group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        all_to_all_single(out, x, out_splits, in_splits, group)
+        all_to_all_single(out, x, group, out_splits=out_splits, in_splits=in_splits)
         return out
 
     @staticmethod
@@ -224,3 +244,9 @@ def scatter_sequence(x, group, dim: int = 0):
 def gather_sequence(x, group, dim: int = 0):
     """Leave the sequence-parallel region: all-gather shards forward, keep this rank's shard of the gradient."""
     return _GatherFromRegion.apply(x, group, dim % x.dim())
+
+
+def all_to_all(x, group):
+    """Equal pieces along dim 0 (size = group size): piece j goes to rank j, piece j of the result came from
+    rank j; the gradient travels back the same way. Context parallelism's sequence <-> head exchange."""
+    return x if _size(group) == 1 else _AllToAll.apply(x, group, 0)

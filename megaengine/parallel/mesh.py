@@ -112,7 +112,7 @@ def reseed(seed: int, state: "ParallelState") -> None:
     """Fresh streams the way initialize() makes them (a resume at another layout, where saved ones do not map)."""
     from megaengine.tensor_parallel.random import model_parallel_seed
     seed_everything(seed)
-    model_parallel_seed(seed, state.tp_rank, state.pp_rank)
+    model_parallel_seed(seed, state.tp_rank, state.pp_rank, state.cp_rank)
 
 
 def rng_state() -> dict:

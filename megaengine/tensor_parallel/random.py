@@ -12,12 +12,14 @@ import contextlib
 import torch
 
 _TP_OFFSET = 2718
+_CP_OFFSET = 1_000_003
 _tp_state: dict[str, torch.Tensor] = {}
 
 
-def model_parallel_seed(seed: int, tp_rank: int, pp_rank: int = 0) -> None:
-    """Seed the default stream (same on all tp ranks) and the tp-region stream (different per tp rank)."""
-    default = seed + 100 * pp_rank
+def model_parallel_seed(seed: int, tp_rank: int, pp_rank: int = 0, cp_rank: int = 0) -> None:
+    """Seed the default stream (same on all tp ranks) and the tp-region stream (different per tp rank). Context-
+    parallel ranks hold other tokens of the sequence, so their default streams differ too."""
+    default = seed + 100 * pp_rank + _CP_OFFSET * cp_rank
     torch.manual_seed(default)
     with torch.random.fork_rng(devices=_devices()):
         torch.manual_seed(default + _TP_OFFSET + tp_rank)

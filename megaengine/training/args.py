@@ -69,6 +69,15 @@ def _parallelism_flags(g) -> None:
                    help="how long a rank waits for a peer before reporting it stuck")
 
 
+def _context_parallel_flags(g) -> None:
+    g.add_argument("--context-parallel-size", "--cp", dest="context_parallel_size",
+                   type=_positive_int("--context-parallel-size"), default=1,
+                   help="ranks sharing each sequence (long context); the mesh is (dp, pp, cp, tp)")
+    g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
+                   help="p2p: ring attention, K/V passed around the cp ranks; a2a: all-to-all (Ulysses), heads "
+                        "and query groups divisible by cp x tp")
+
+
 def _model_flags(g) -> None:
     g.add_argument("--num-layers", type=_positive_int("--num-layers"), help="transformer layers")
     g.add_argument("--hidden-size", type=_positive_int("--hidden-size"), help="model width")
@@ -203,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=_HelpFormatter)
     p.add_argument("--config", help="JSON preset (e.g. configs/gpt-tiny.json); flags given here override its values")
     _parallelism_flags(p.add_argument_group("parallelism"))
+    _context_parallel_flags(p.add_argument_group("context parallelism"))
     _model_flags(p.add_argument_group("model"))
     _moe_flags(p.add_argument_group("mixture of experts"))
     _training_flags(p.add_argument_group("training"))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megaengine import parallel
 from megaengine.checkpoint import Checkpointer, Layout, latest_tag
 from megaengine.config import Config, resolve, same_file
+from megaengine.context_parallel import split_for_rank
 from megaengine.data import MicroBatchLoader, Tokenizer, build_datasets, ensure_default_corpus
 from megaengine.errors import ConfigError
 from megaengine.models import GPT, count_parameters
@@ -66,9 +67,10 @@ class Watch:
                 raise
             s = self.state
             raise PeerTimeout(
-                f"rank {dist.get_rank()} (tp {s.tp_rank}, pp {s.pp_rank}, dp {s.dp_rank}) gave up in {phase} of "
-                f"iteration {iteration}: a peer did not answer within --distributed-timeout-minutes "
-                f"{self.minutes:g} (it is stuck, slow or dead). Backend said: {str(e)[:300]}") from None
+                f"rank {dist.get_rank()} (tp {s.tp_rank}, pp {s.pp_rank}, "
+                f"{f'cp {s.cp_rank}, ' if s.cp_size > 1 else ''}dp {s.dp_rank}) gave up in {phase} of iteration "
+                f"{iteration}: a peer did not answer within --distributed-timeout-minutes {self.minutes:g} (it is "
+                f"stuck, slow or dead). Backend said: {str(e)[:300]}") from None
 
 
 def main(argv=None) -> int:
@@ -110,7 +112,7 @@ def train(cfg: Config) -> None:
     while iteration < cfg.train.train_iters:
         lr, start = lr_at(iteration), time.monotonic()
         with watch("forward, backward and gradient reduction", iteration + 1):
-            batches = next_batches(loader, cfg.train.micro_batches(state.dp_size), state.device, cfg.model.vocab_size)
+            batches = next_batches(loader, cfg.train.micro_batches(state.dp_size), state, cfg.model.vocab_size)
             loss = train_step(chunks, optimizer, batches, plan, state)
         with watch("the optimizer step", iteration + 1):
             grad_norm, skipped = optimizer.step(lr)
@@ -202,8 +204,9 @@ def build_model_chunks(cfg: Config, state) -> list:
     """This rank's model chunks: one GPT per virtual pipeline stage, chunk c holding virtual stage c*pp + r."""
     v, pp, r = cfg.parallel.virtual_stages, state.pp_size, state.pp_rank
     ranges = layer_ranges(cfg.model.num_layers, pp, v)[r]
-    chunks = [GPT(cfg.model, state.tp_group, layers=ranges[c], pre_process=(r == 0 and c == 0),
-                  post_process=(r == pp - 1 and c == v - 1), ep_group=state.ep_group) for c in range(v)]
+    chunks = [GPT(cfg.model, state.tp_group, cp_group=state.cp_group, cp_comm_type=cfg.parallel.cp_comm_type,
+                  layers=ranges[c], pre_process=(r == 0 and c == 0), post_process=(r == pp - 1 and c == v - 1),
+                  ep_group=state.ep_group) for c in range(v)]
     return [c.to(device=state.device, dtype=cfg.train.param_dtype) for c in chunks]
 
 
@@ -233,14 +236,15 @@ def plan_pipeline(cfg: Config, state) -> PipelinePlan | None:
         return None
     p, m = cfg.parallel, cfg.model
     actions = schedules.build(p.schedule, p.pp, cfg.train.micro_batches(state.dp_size), p.virtual_stages)[state.pp_rank]
-    seq = m.seq_length // state.tp_size if m.sequence_parallel else m.seq_length
+    seq = m.seq_length // state.cp_size  # this rank's share of each sequence (context parallel)
+    seq = seq // state.tp_size if m.sequence_parallel else seq
     return PipelinePlan(actions, (seq, cfg.train.micro_batch_size, m.hidden_size), cfg.train.param_dtype,
                         60.0 * p.timeout_minutes)
 
 
 def initialize_mesh(cfg: Config):
     p = cfg.parallel
-    return parallel.initialize(p.tp, p.pp, ep=p.ep, backend=p.backend, seed=cfg.train.seed,
+    return parallel.initialize(p.tp, p.pp, cp=p.cp, ep=p.ep, backend=p.backend, seed=cfg.train.seed,
                                timeout_minutes=p.timeout_minutes)
 
 
@@ -248,7 +252,8 @@ def progress_logger(cfg: Config, state, say) -> ProgressLogger:
     counts = count_parameters(cfg.model, state.tp_size)
     active = f" ({counts['active'] / 1e6:.2f}M active per token)" if cfg.model.moe else ""
     say(f"megaengine: {counts['total'] / 1e6:.2f}M parameters{active} | tp {state.tp_size} pp {state.pp_size} "
-        f"dp {state.dp_size}{f' ep {state.ep_size}' if state.ep_size > 1 else ''} | {state.device}", flush=True)
+        f"cp {state.cp_size} dp {state.dp_size}{f' ep {state.ep_size}' if state.ep_size > 1 else ''} | "
+        f"{state.device}", flush=True)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_length
     return ProgressLogger(total_iters=cfg.train.train_iters, tokens_per_iter=tokens_per_iter,
                           flops_per_iter=tokens_per_iter * flops_per_token(cfg.model, counts["matmul"]),
@@ -259,17 +264,19 @@ def progress_logger(cfg: Config, state, say) -> ProgressLogger:
 
 # ---- one step ------------------------------------------------------------------------------------------------
 
-def next_batches(loader, n: int, device, vocab_size: int | None = None) -> list:
+def next_batches(loader, n: int, state, vocab_size: int | None = None) -> list:
+    """The next n micro-batches of (tokens, labels) on the device: every cp rank of a dp rank reads the same
+    samples and keeps its share of each sequence."""
     batches = []
     for _ in range(n):
-        tokens, labels = loader.next_microbatch()
+        tokens, labels = (split_for_rank(t, state.cp_size, state.cp_rank) for t in loader.next_microbatch())
         # The vocab-parallel embedding would silently zero an id outside every rank's range: refuse it
         # (checked on the CPU copy, so no device sync).
         top = max(int(tokens.max()), int(labels.max()))
         if vocab_size is not None and top >= vocab_size:
             raise RuntimeError(f"token id {top} in the training data is outside the tokenizer's "
                                f"vocabulary of {vocab_size}: the data was encoded with another tokenizer.")
-        batches.append((tokens.to(device), labels.to(device)))
+        batches.append((tokens.to(state.device), labels.to(state.device)))
     return batches
 
 
@@ -481,8 +488,8 @@ class TrainingCheckpoints:
             reseed(self.cfg.train.seed + iteration, self.state)
         saved, now = loaded.meta.get("layout", {}), self.layout
         say(f"resumed from {loaded.path} at iteration {iteration} (saved at tp {saved.get('tp')} pp {saved.get('pp')} "
-            f"dp {saved.get('dp')} ZeRO {saved.get('zero_stage')}; now tp {now.tp} pp {now.pp} dp {now.dp} "
-            f"ZeRO {now.zero_stage})", flush=True)
+            f"cp {saved.get('cp', 1)} dp {saved.get('dp')} ZeRO {saved.get('zero_stage')}; now tp {now.tp} pp {now.pp} "
+            f"cp {now.cp} dp {now.dp} ZeRO {now.zero_stage})", flush=True)
         return iteration
 
     def _same_model(self, meta: dict, path: str) -> None:
@@ -514,7 +521,7 @@ def evaluate(chunks, dataset, cfg: Config, state, plan: PipelinePlan | None) -> 
     loader = MicroBatchLoader(dataset, cfg.train.micro_batch_size, state.dp_rank, state.dp_size)
     total = torch.zeros((), device=state.device)
     steps = cfg.logging.eval_iters * cfg.train.micro_batches(state.dp_size)
-    for tokens, labels in next_batches(loader, steps, state.device):
+    for tokens, labels in next_batches(loader, steps, state):
         if plan is None:
             total += chunks[0](tokens, labels).float().mean()
             continue
@@ -532,7 +539,8 @@ def evaluate(chunks, dataset, cfg: Config, state, plan: PipelinePlan | None) -> 
 @torch.no_grad()
 def sample_text(chunks, tokenizer, cfg: Config, state, say) -> None:
     """A continuation of SAMPLE_PROMPT through the whole pipeline: the last stage samples each token
-    (models.gpt.generate) and broadcasts it to the other stages."""
+    (models.gpt.generate) and broadcasts it to the other stages. Context-parallel ranks hold the same weights:
+    each runs the whole (short) context itself."""
     if cfg.logging.sample_tokens <= 0:
         return
     m = cfg.model
@@ -541,7 +549,8 @@ def sample_text(chunks, tokenizer, cfg: Config, state, say) -> None:
     def last_logits(context):
         hidden = forward_only(chunks, pp_group=state.pp_group, tensor_shape=(context.shape[1] // sp, 1, m.hidden_size),
                               dtype=cfg.train.param_dtype, device=state.device,
-                              forward_step=lambda c, module, x: module(context if module.pre_process else x))
+                              forward_step=lambda c, module, x: module(context if module.pre_process else x,
+                                                                       whole_sequence=True))
         if hidden is None:
             return None
         return comm.gather_from_tp_region(hidden, state.tp_group, dim=-1)[-1, :, :m.vocab_size]

@@ -85,6 +85,7 @@ def test_moe_checkpoint_reshards_across_ep(moe_reference, tiny_corpus, tmp_path)
     ({"moe-layer-freq": "[1,0]"}, 1, "--moe-layer-freq=[1, 0] as a pattern needs one 0 or 1 per layer"),
     ({"moe-layer-freq": "often"}, 1, "--moe-layer-freq expects an integer or a list"),
     ({"ep": 2, "zero-config": "configs/zero/zero3.json"}, 2, "ZeRO stage 3 with --expert-model-parallel-size 2"),
+    ({"cp": 2, "attention-dropout": False}, 2, "--num-experts with --context-parallel-size 2 is not supported"),
 ])
 def test_bad_moe_flags_fail_before_any_process_group(flags, world, needle, tiny_corpus):
     prefix, tok = tiny_corpus
