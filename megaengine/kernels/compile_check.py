@@ -30,7 +30,9 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 ARCHS = (80, 90)
 FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "DW_PART", "DB_PART"}
 INT32_POINTERS = {"OFFS"}
-INT_ARGS = {"M", "N", "K", "G", "P", "Q"}
+# Upper-case arguments that are sizes, not pointers (attention's Q and K are pointers; the grouped GEMM's are sizes).
+INT_ARGS = {"_grouped_mm": {"M", "N", "K", "G"}, "_grouped_mm_wgrad": {"P", "Q"}}
+DEFAULT_INT_ARGS = {"M", "N"}
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 # Attention kernels whose fp16/bf16 dots must run on tensor cores: wgmma on Hopper for head dims up to 128
 # (the training sizes; 256's dk/dv tiles are too narrow for it), mma.sync at least everywhere.
@@ -65,7 +67,7 @@ def _kernel(name):
     raise KeyError(name)
 
 
-def _signature(kernel, dtype, constexprs):
+def _signature(kernel, dtype, constexprs, name=""):
     """(signature, constexprs, attrs) for triton.compile, as a launch on contiguous tensors would make them."""
     signature, constexprs, attrs = {}, dict(constexprs), {}
     for i, arg in enumerate(kernel.arg_names):
@@ -75,7 +77,7 @@ def _signature(kernel, dtype, constexprs):
             signature[arg], constexprs[arg] = "constexpr", 1
         elif arg.startswith("stride_"):
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-        elif arg.isupper() and arg not in INT_ARGS:
+        elif arg.isupper() and arg not in INT_ARGS.get(name, DEFAULT_INT_ARGS):
             signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -91,7 +93,7 @@ def compile_job(job) -> dict:
     from triton.compiler import ASTSource
     name, arch, dtype, constexprs, num_warps, num_stages = job
     kernel = _kernel(name)
-    signature, constexprs, attrs = _signature(kernel, dtype, dict(constexprs))
+    signature, constexprs, attrs = _signature(kernel, dtype, dict(constexprs), name)
     target = GPUTarget("cuda", arch, 32)
     options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
     try:
