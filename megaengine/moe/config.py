@@ -54,7 +54,7 @@ def moe_layer_pattern(num_layers: int, freq) -> list[bool]:
 def check_moe(moe: MoEConfig | None, *, num_layers: int, ep: int = 1, dp: int = 1, tp: int = 1,
               sequence_parallel: bool = False, add_bias_linear: bool = False) -> None:
     """Raise a ConfigError naming the flag for MoE settings that cannot be built or laid out. `dp` is the
-    data-parallel size, world / (tp x pp), out of which expert groups of `ep` ranks are carved. `moe` None (a
+    data-parallel size, world / (tp x pp x cp), out of which expert groups of `ep` ranks are carved. `moe` None (a
     dense model) only checks that no expert parallelism was asked for."""
     if moe is None:
         if ep != 1:
@@ -73,8 +73,8 @@ def check_moe(moe: MoEConfig | None, *, num_layers: int, ep: int = 1, dp: int = 
                                           f"every expert-parallel rank holds the same number of experts; pick ep "
                                           f"among {_divisors(e)}"),
         (dp % ep == 0, "--expert-model-parallel-size (--ep)", ep,
-         f"must divide the data-parallel size {dp} (world size / (tp x pp)): expert groups are carved out of the "
-         f"data-parallel ranks; pick ep among {_divisors(dp)} or launch a multiple of {ep} data-parallel ranks"),
+         f"must divide the data-parallel size {dp} (world size / (tp x pp x cp)): expert groups are carved out of "
+         f"the data-parallel ranks; pick ep among {_divisors(dp)} or launch a multiple of {ep} data-parallel ranks"),
         (tp == 1 or sequence_parallel, "--sequence-parallel", sequence_parallel,
          f"is required with --num-experts and tensor parallelism (tp={tp}), as in Megatron: each tp rank routes "
          "its own sequence shard. Add --sequence-parallel"),

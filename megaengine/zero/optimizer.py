@@ -108,9 +108,9 @@ class ZeroOptimizer:
                  weight_decay: float = 0.0, adam_w_mode: bool = True, clip_grad: float = 0.0,
                  dp_group=None, tp_group=None, pp_group=None, expert_dp_group=None, ep_group=None,
                  reduce_bucket_size: int = 500_000_000, overlap_comm: bool = True, reduce_scatter: bool = True,
-                 prescale_gradients: bool = False,
-                 loss_scaler=None, offload_optimizer: bool = False, prefetch_bucket_size: int = 50_000_000,
-                 param_persistence_threshold: int = 100_000, max_live_parameters: int = 1_000_000_000):
+                 prescale_gradients: bool = False, loss_scaler=None, offload_optimizer: bool = False,
+                 prefetch_bucket_size: int = 50_000_000, param_persistence_threshold: int = 100_000,
+                 max_live_parameters: int = 1_000_000_000):
         if stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
         if stage == 3 and _group_size(pp_group) > 1:
