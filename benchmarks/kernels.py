@@ -10,9 +10,11 @@ megaengine's Triton flash attention against torch SDPA's flash, memory-efficient
 the forward (recomputation not counted), as FlashAttention's benchmarks count them.
 
 LayerNorm and RMSNorm (bf16, 16K rows): forward+backward GB/s of ours (Triton, CUDA extension) against torch
-eager and torch.compile, next to the device-to-device copy bandwidth measured here. Bytes: x read and y
-written by the forward, x and dy read and dx written by the backward (10 bytes per element in bf16), weights
-and statistics not counted.
+eager, torch.compile and Liger-Kernel (when installed), and of backend "auto" (megaengine.kernels.select),
+next to the device-to-device copy bandwidth measured here. Bytes: x read and y written by the forward, x and
+dy read and dx written by the backward (10 bytes per element in bf16), weights and statistics not counted.
+Then each one's per-call cost: microseconds per forward+backward at NORM_CALL_ROWS rows, where the bytes are
+negligible and what is left is launch and host work (the "fixed cost" of issue 15).
 
 Writes a dated markdown table with the device name. Needs a CUDA GPU: on CPU it says so and exits with 2.
 """
@@ -32,6 +34,7 @@ TOKENS = 16384
 ATTN_HIDDEN = 2048
 NORM_ROWS = 16384
 NORM_HIDDEN = (1024, 2048, 4096, 8192, 16384, 65536)
+NORM_CALL_ROWS = 16
 
 
 def attention_flops(batch, heads, seq, head_dim, causal, backward):
@@ -73,6 +76,8 @@ def attention_runners():
 
     from megaengine.kernels import flash_attention
     return {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, backend="triton"),
+            "ours-atomic-dq": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, backend="triton",
+                                                                      atomic_dq=True),
             "sdpa-flash": sdpa_runner(SDPBackend.FLASH_ATTENTION),
             "sdpa-efficient": sdpa_runner(SDPBackend.EFFICIENT_ATTENTION),
             "sdpa-cudnn": sdpa_runner(SDPBackend.CUDNN_ATTENTION)}
@@ -121,22 +126,44 @@ def norm_runners():
     if reason is not None:
         for table in runners.values():
             table["ours-cuda"] = reason
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        runners["layernorm"]["liger"] = lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)
+        runners["rmsnorm"]["liger"] = lambda x, w, b: LigerRMSNormFunction.apply(x, w, 1e-6)
+    except ImportError:
+        for table in runners.values():
+            table["liger"] = "liger-kernel not installed"
+    from megaengine.kernels import select
+    runners["layernorm"]["auto"] = lambda x, w, b: select.norm("LayerNorm", x, w, b, 1e-5)
+    runners["rmsnorm"]["auto"] = lambda x, w, b: select.norm("RMSNorm", x, w, None, 1e-6)
     return runners
 
 
-def time_norm(run, hidden):
-    """Forward+backward GB/s, or an error string."""
+def _norm_ms(run, rows, hidden):
+    """Milliseconds per forward+backward, or an error string."""
     if isinstance(run, str):
         return f"n/a ({run[:40]})"
-    x = torch.randn(NORM_ROWS, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     try:
-        ms = bench_ms(lambda: run(x, w, b).backward(dy), grads=[x, w, b])
+        return bench_ms(lambda: run(x, w, b).backward(dy), grads=[x, w, b])
     except Exception as error:  # a backend that cannot build or run is reported, not fatal
         return f"n/a ({str(error).splitlines()[0][:40]})"
-    return norm_bytes(NORM_ROWS, hidden, x.element_size()) / ms / 1e6
+
+
+def time_norm(run, hidden):
+    """Forward+backward GB/s at NORM_ROWS rows, or an error string."""
+    ms = _norm_ms(run, NORM_ROWS, hidden)
+    return ms if isinstance(ms, str) else norm_bytes(NORM_ROWS, hidden, 2) / ms / 1e6
+
+
+def time_norm_call(run, hidden):
+    """Microseconds per forward+backward at NORM_CALL_ROWS rows (launch and host work), or an error string."""
+    ms = _norm_ms(run, NORM_CALL_ROWS, hidden)
+    return ms if isinstance(ms, str) else 1e3 * ms
 
 
 def fmt(value):
@@ -149,7 +176,7 @@ def ratio(ours, theirs):
 
 def attention_table(seqs, head_dims):
     runners = attention_runners()
-    others = [name for name in runners if name != "ours"]
+    others = [name for name in runners if name.startswith("sdpa")]
     head = (["pass", "head_dim", "causal", "seq"] + list(runners) + [f"ours/{n}" for n in others])
     rows, target = [], []
     for backward in (False, True):
@@ -168,22 +195,85 @@ def attention_table(seqs, head_dims):
 
 
 def norm_table(hiddens, copy_gbs):
-    head = ["kernel", "hidden", "ours-triton", "ours-cuda", "torch", "torch.compile", "triton/torch",
-            "triton/compile", "cuda/torch", "cuda/compile", "triton/copy"]
-    rows, target = [], []
-    for kernel, runners in norm_runners().items():
+    """(head, rows, issue-5 target cells, {(kernel, hidden): {runner: GB/s or error}})."""
+    base = ("ours-triton", "ours-cuda", "torch", "torch.compile")
+    runners_by_kernel = norm_runners()
+    extra = [n for n in next(iter(runners_by_kernel.values())) if n not in base]  # liger, auto (GPU runs)
+    head = (["kernel", "hidden", *base, *extra, "triton/torch", "triton/compile", "cuda/torch", "cuda/compile",
+             "triton/copy"] + (["triton/liger"] if "liger" in extra else []))
+    rows, target, measured = [], [], {}
+    for kernel, runners in runners_by_kernel.items():
         for hidden in hiddens:
-            got = {name: time_norm(run, hidden) for name, run in runners.items()}
-            row = [kernel, hidden] + [fmt(got[n]) for n in ("ours-triton", "ours-cuda", "torch", "torch.compile")]
+            got = measured[(kernel, hidden)] = {name: time_norm(run, hidden) for name, run in runners.items()}
+            row = [kernel, hidden] + [fmt(got[n]) for n in (*base, *extra)]
             for name in ("ours-triton", "ours-cuda"):
                 if isinstance(got[name], float) and isinstance(got["torch"], float):
                     target.append((kernel, hidden, name, got[name] / copy_gbs, got[name] / got["torch"]))
             row += [ratio(got["ours-triton"], got["torch"]), ratio(got["ours-triton"], got["torch.compile"]),
                     ratio(got["ours-cuda"], got["torch"]), ratio(got["ours-cuda"], got["torch.compile"]),
                     ratio(got["ours-triton"], copy_gbs)]
+            row += [ratio(got["ours-triton"], got["liger"])] if "liger" in extra else []
             rows.append(row)
             print(" | ".join(map(str, row)), flush=True)
-    return head, rows, target
+    return head, rows, target, measured
+
+
+def norm_call_table(hidden):
+    """(head, rows): microseconds per forward+backward at NORM_CALL_ROWS rows, every runner."""
+    runners_by_kernel = norm_runners()
+    names = list(next(iter(runners_by_kernel.values())))
+    rows = []
+    for kernel, runners in runners_by_kernel.items():
+        got = {name: time_norm_call(run, hidden) for name, run in runners.items()}
+        rows.append([kernel, hidden] + [fmt(got[n]) for n in names])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return ["kernel", "hidden"] + names, rows
+
+
+def issue15_norm_target(measured, copy_gbs, runner="ours-triton"):
+    """Norms fwd+bwd >= 85% of copy bandwidth for hidden >= 2048 and ahead of torch eager and Liger at every
+    width measured: which (kernel, hidden) cells meet it."""
+    cells, missed = 0, []
+    for (kernel, hidden), got in measured.items():
+        ours = got.get(runner)
+        others = [got[n] for n in ("torch", "liger") if isinstance(got.get(n), float)]
+        ok = (isinstance(ours, float) and all(ours > o for o in others)
+              and (hidden < 2048 or ours >= 0.85 * copy_gbs))
+        cells += 1
+        if not ok:
+            missed.append(f"{kernel} {hidden} ({fmt_ratio(ours / copy_gbs if isinstance(ours, float) else None)} "
+                          f"of copy)")
+    return (f"- Norms forward+backward ({runner}) >= 85% of copy for hidden >= 2048 and ahead of torch eager and "
+            f"Liger at every width (issue 15): met at {cells - len(missed)} of {cells} cells; missed: "
+            + (", ".join(missed) or "none") + ".")
+
+
+def issue15_attention_target(rows, head, ours_name="ours"):
+    """Attention head dim 128, causal and not, every seq: ours / best SDPA backend >= 1.0, forward and
+    forward+backward (issue 15)."""
+    out = []
+    for kind in ("fwd", "fwd+bwd"):
+        ratios = []
+        for row in rows:
+            cells = dict(zip(head, row))
+            if cells["pass"] != kind or cells["head_dim"] != 128:
+                continue
+            theirs = [float(cells[n]) for n in head[4:] if n.startswith("sdpa") and _is_number(cells[n])]
+            ours = float(cells[ours_name]) if _is_number(cells[ours_name]) else None
+            ratios.append((cells["causal"], cells["seq"], ours / max(theirs) if ours and theirs else None))
+        ok = [r for *_, r in ratios if r is not None and r >= 1.0]
+        out.append(f"- Attention {kind}, head dim 128, {ours_name} / best SDPA backend >= 1.0 (issue 15): met at "
+                   f"{len(ok)} of {len(ratios)} (causal, seq) cells ("
+                   + ", ".join(f"{'causal' if c else 'full'} {s}: {fmt_ratio(r)}" for c, s, r in ratios) + ").")
+    return out
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def fmt_ratio(r):
@@ -226,13 +316,18 @@ def main():
         targets.append(f"- Attention forward+backward, head dim 128, causal, seq >= 2K, ours / best SDPA backend >= "
                        f"1.0: met at {len(ok)} of {len(attn_target)} lengths ("
                        + ", ".join(f"{seq}: {fmt_ratio(r)}" for seq, r in attn_target) + ").")
+        targets += [line for name in attn[0] if name.startswith("ours") and "/" not in name
+                    for line in issue15_attention_target(attn[1], attn[0], name)]
         sections += [
             "", "## Attention TFLOP/s (bf16, batch x seq = 16K tokens, heads x head_dim = 2048)", "",
             "FLOPs: forward 4 b h s^2 d (half when causal); forward+backward 3.5x that. Ratios are ours / theirs.",
             "", markdown(*attn)]
     if args.only in (None, "norms"):
         print("norms forward+backward GB/s (bf16)")
-        *norms, norm_target = norm_table(hiddens, copy_gbs)
+        *norms, norm_target, measured = norm_table(hiddens, copy_gbs)
+        call_hidden = 4096
+        print(f"norms forward+backward microseconds per call at {NORM_CALL_ROWS} rows (bf16)")
+        calls = norm_call_table(call_hidden)
         ok = [t for t in norm_target if t[3] >= 0.8 and t[4] >= 1.5]
         targets.append(f"- Norms forward+backward >= 80% of copy bandwidth and >= 1.5x torch eager: met at {len(ok)} "
                        f"of {len(norm_target)} (kernel, hidden, backend) cells; missed: "
@@ -241,8 +336,11 @@ def main():
         sections += [
             "", "## LayerNorm / RMSNorm forward+backward GB/s (bf16, 16K rows)", "",
             f"Device-to-device copy measured here: {copy_gbs:.0f} GB/s (bytes read + written). Bytes counted: "
-            "x, y, dy, dx (10 per element); ratios are ours / theirs and ours / copy.", "", markdown(*norms)]
-    text = "\n".join(sections + ["", "## Targets (issue 5)", ""] + targets + [""])
+            "x, y, dy, dx (10 per element); ratios are ours / theirs and ours / copy.", "", markdown(*norms),
+            "", f"## Norm per-call cost: microseconds per forward+backward at {NORM_CALL_ROWS} rows, hidden "
+            f"{call_hidden} (launch and host work; the bytes take well under a microsecond)", "", markdown(*calls)]
+        targets.append(issue15_norm_target(measured, copy_gbs))
+    text = "\n".join(sections + ["", "## Targets (issues 5 and 15)", ""] + targets + [""])
     print("\n".join(targets))
     suffix = f"-{args.only}" if args.only else ""
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{slug}{suffix}.md")

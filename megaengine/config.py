@@ -20,6 +20,7 @@ from megaengine.data import Tokenizer
 from megaengine.data.dataset import parse_data_path
 from megaengine.data.indexed import check_prefix
 from megaengine.errors import ConfigError
+from megaengine.fp8.config import FP8Config, check_fp8_run
 from megaengine.models.gpt import GPTConfig
 from megaengine.moe.config import MoEConfig, check_moe
 from megaengine.parallel.mesh import check_layout
@@ -32,6 +33,7 @@ from megaengine.zero.config import FP16Config, OptimConfig, ZeroConfig, load_con
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
             "global_batch_size", "train_iters", "lr")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_FORMATS = {"e4m3": "e4m3 forward and backward", "hybrid": "e4m3 forward, e5m2 gradients"}
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,13 @@ class Config:
             f"  schedule   {sched}",
             f"  precision  {v(t.precision, t.precision) if t.precision != 'fp32' else 'fp32'}, seed {v('seed', t.seed)}",
         ]
+        if m.fp8 is not None:
+            f = m.fp8
+            history = (f", amax history {v('fp8_amax_history_len', f.amax_history_len)} steps, "
+                       f"{v('fp8_amax_compute_algo', f.amax_compute_algo)}" if f.recipe == "delayed" else "")
+            lines.append(f"  fp8        {v('fp8_format', f.format)} ({FP8_FORMATS[f.format]}) in the transformer layers' "
+                         f"linears, {v('fp8_recipe', f.recipe)} scaling{history}"
+                         + (f", margin {v('fp8_margin', f.margin)}" if f.margin else ""))
         if self.zero_config:
             lines.append(f"  DeepSpeed  {self.zero_config}: keys it leaves out took the flags' values")
         return "\n".join(lines)
@@ -184,7 +193,7 @@ def resolve(argv=None, world_size: int = 1) -> Config:
                           f"{pp} is not supported; use stage 1 or 2 with pipelines.")
     data = _data(values, origin)
     _context_parallel_defaults(values, origin, parallel)
-    model = _model(values, data, parallel)
+    model = _model(values, data, parallel, _fp8(values, origin))
     _check_experts(model, parallel, optim)
     check_context_parallel(parallel.cp, parallel.cp_comm_type, seq_length=model.seq_length, tp=parallel.tp,
                            sequence_parallel=model.sequence_parallel, num_attention_heads=model.num_attention_heads,
@@ -369,7 +378,7 @@ def tokenizer_vocab_size(data: DataConfig) -> int:
     return data.vocab_size
 
 
-def _model(values: dict, data: DataConfig, parallel: ParallelConfig) -> GPTConfig:
+def _model(values: dict, data: DataConfig, parallel: ParallelConfig, fp8: FP8Config | None) -> GPTConfig:
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= values[name] < 1.0:
             raise ConfigError(f"{flag_name(name)}={values[name]} must be in [0, 1).")
@@ -387,8 +396,10 @@ def _model(values: dict, data: DataConfig, parallel: ParallelConfig) -> GPTConfi
         make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
         init_method_std=values["init_method_std"], sequence_parallel=parallel.sequence_parallel,
         attention_backend=values["attention_backend"], normalization_backend=values["normalization_backend"],
-        init_seed=values["seed"], moe=MoEConfig.from_dict(values))
+        init_seed=values["seed"], fp8=fp8, moe=MoEConfig.from_dict(values))
     config.validate(parallel.tp)
+    if fp8 is not None and _device(values).type == "cuda":
+        _check_fp8_shapes(config, parallel, values["micro_batch_size"])
     return config
 
 
@@ -402,6 +413,47 @@ def _check_experts(model: GPTConfig, parallel: ParallelConfig, optim: OptimConfi
     if parallel.ep > 1 and optim.zero.stage == 3:
         raise ConfigError(f"ZeRO stage 3 with --expert-model-parallel-size {parallel.ep} is not supported (expert "
                           "parameters are sharded over their own expert-data-parallel group); use stage 1 or 2.")
+
+
+_FP8_SETTINGS = ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin")
+
+
+def _fp8(values: dict, origin: dict) -> FP8Config | None:
+    """--fp8-format turns FP8 on; it needs --bf16, refuses --fp16 and a GPU without FP8 tensor cores."""
+    if values["fp8_format"] is None:
+        stray = [d for d in _FP8_SETTINGS if origin[d] != "default"]
+        if stray:
+            raise ConfigError(f"{flag_name(stray[0])}={values[stray[0]]} ({origin[stray[0]]}) sets FP8 scaling but FP8 "
+                              "is off; add --fp8-format hybrid (or e4m3) to train in FP8, or drop it.")
+        return None
+    config = FP8Config(format=values["fp8_format"], recipe=values["fp8_recipe"],
+                       amax_history_len=values["fp8_amax_history_len"],
+                       amax_compute_algo=values["fp8_amax_compute_algo"], margin=values["fp8_margin"])
+    check_fp8_run(config, bf16=values["bf16"], fp16=values["fp16"], device=_device(values))
+    return config
+
+
+def _device(values: dict) -> torch.device:
+    """The device this rank will train on (parallel.initialize picks it the same way: cuda:LOCAL_RANK with nccl)."""
+    backend = values["distributed_backend"] or ("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+
+
+def _check_fp8_shapes(m: GPTConfig, parallel: ParallelConfig, micro_batch: int) -> None:
+    """torch._scaled_mm on CUDA needs each FP8 matmul's sizes (tokens, inputs, outputs per rank) to be multiples
+    of 16; say which flag breaks it rather than fail inside the first step."""
+    d, tp = m.kv_channels, parallel.tp
+    sizes = [("--hidden-size", m.hidden_size),
+             ("--seq-length / cp x --micro-batch-size (tokens per micro-batch and rank)",
+              m.seq_length // parallel.cp * micro_batch),
+             ("--num-attention-heads x --kv-channels / tp", m.num_attention_heads * d // tp),
+             ("(--num-attention-heads + 2 x --num-query-groups) x --kv-channels / tp",
+              (m.num_attention_heads + 2 * m.num_query_groups) * d // tp),
+             ("--ffn-hidden-size / tp", m.ffn_hidden_size // tp)]
+    for what, n in sizes:
+        if n % 16:
+            raise ConfigError(f"--fp8-format {m.fp8.format} on CUDA: {what} = {n} is not a multiple of 16, which FP8 "
+                              "matmuls (torch._scaled_mm) need; choose sizes that are, or drop --fp8-format.")
 
 
 def _checkpoint(values: dict) -> CheckpointConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaengine.checkpoint.buffers import load_buffers
 from megaengine.checkpoint.pieces import PieceReader
 from megaengine.checkpoint.store import checkpoint_dir, load_meta
 
@@ -44,4 +45,5 @@ def load_model(root: str, device="cpu"):
             full = tensors[model.global_name(name)]
             p.data = torch.zeros(p.shape, dtype=full.dtype)
             p.data[:full.shape[0]].copy_(full)  # vocabulary rows past vocab_size are padding
+    load_buffers(model, consolidated_state_dict(root, "buffer")[1], model.global_name)  # FP8 scaling state
     return model.to(device)

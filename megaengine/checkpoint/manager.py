@@ -7,7 +7,8 @@
     <root>/iter_0000100/rank_00003.pt    rank 3's own state (RNG, loader), restored at the same layout only
 
 Kinds: `model` (the weights in their dtype), and per parameter, in the same global shape, the fp32 `master`,
-`exp_avg` and `exp_avg_sq` (ZeRO's flat shards are gathered over dp for one tp shard, never the whole model).
+`exp_avg` and `exp_avg_sq` (ZeRO's flat shards are gathered over dp for one tp shard, never the whole model);
+`buffer`: module buffers that are the same on every rank holding them (FP8 amax histories and scales), whole.
 Each piece is written once, by one of the ranks that hold it. Loading: every rank works out the boxes it
 holds at its own layout and copies in the overlap of each saved piece; files are memory-mapped, so a rank reads
 only the bytes it needs, and every file is read as data (weights_only), never as code.
@@ -76,6 +77,7 @@ class Loaded:
     path: str
     meta: dict
     rank_state: dict | None  # None when the layout changed (or none was saved)
+    buffers: dict  # global name -> tensor (CPU), for the buffers asked for that the checkpoint holds
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ class _Snapshot:
     meta: dict
 
 
-def _snapshot(tag, named_params, optimizer, layout: Layout, meta: dict, rank_state) -> _Snapshot:
+def _snapshot(tag, named_params, optimizer, layout: Layout, meta: dict, rank_state, buffers) -> _Snapshot:
     """Collective over dp (optimizer state is gathered per parameter tp shard)."""
     held = [h for h in held_params(named_params, layout.tp_rank, layout.tp, layout.ep_rank, layout.ep)
             if not h.tied_copy]
@@ -113,6 +115,11 @@ def _snapshot(tag, named_params, optimizer, layout: Layout, meta: dict, rank_sta
                 records.append({"name": name, "shape": list(pc.global_shape), "dtype": str(t.dtype),
                                 "offsets": list(pc.offsets), "sizes": list(pc.sizes),
                                 **({"concat_dim": pc.dim} if "#" in pc.key else {})})
+    for key, t in buffers:  # replicated over tp and dp x cp: one of the ranks holding it writes it whole
+        if layout.writes(key, replicated=True):
+            tensors[f"buffer/{key}"] = _cpu_copy(t)
+            records.append({"name": f"buffer/{key}", "shape": list(t.shape), "dtype": str(t.dtype),
+                            "offsets": [0] * t.dim(), "sizes": list(t.shape)})
     dtypes = sorted({str(p.dtype) for _, p in named_params})
     scaler = optimizer.loss_scaler
     full_meta = {"format": FORMAT, "tag": tag, **meta, "layout": layout.to_dict(), "params_dtype": dtypes,
@@ -236,12 +243,13 @@ class Checkpointer:
                 raise job.error
 
     def save(self, root: str, tag: int | str, *, named_params: list, optimizer, layout: Layout, meta: dict,
-             rank_state: dict | None = None) -> None:
+             rank_state: dict | None = None, buffers: list = ()) -> None:
         """Write the optimizer's state of `named_params` ((global name, parameter) pairs this rank holds), `meta`
-        (JSON) and this rank's `rank_state` (tensors and plain data) as checkpoint `tag` under `root`."""
+        (JSON), this rank's `rank_state` (tensors and plain data) and `buffers` ((global name, tensor) pairs, each
+        the same on every tp and dp x cp rank that holds it) as checkpoint `tag` under `root`."""
         self.wait()
         group = self.group()
-        snap = _snapshot(tag, named_params, optimizer, layout, meta, rank_state)
+        snap = _snapshot(tag, named_params, optimizer, layout, meta, rank_state, buffers)
 
         def job():
             _write(root, tag, snap, group, self.retain)
@@ -252,10 +260,12 @@ class Checkpointer:
             job()
 
     def load(self, root: str, tag: int | str | None = None, *, named_params: list, optimizer, layout: Layout,
-             check: Callable[[dict, str], None] | None = None) -> Loaded:
+             check: Callable[[dict, str], None] | None = None, buffers: list = ()) -> Loaded:
         """Restore what `save` wrote (the newest checkpoint, or `tag`) at this run's layout: the optimizer's state,
         published into the parameters, its step and loss scale. `check(meta, meta_path)` may refuse the
-        checkpoint first. Any damage or mismatch is a ConfigError raised on every rank together."""
+        checkpoint first. Any damage or mismatch is a ConfigError raised on every rank together. Of `buffers`
+        (global names), those the checkpoint holds come back whole in `Loaded.buffers`; the others are left out
+        (e.g. FP8 state of a run that trained without it)."""
         self.wait()
         group = self.group()
         tag, meta = load_meta(root, tag)
@@ -263,7 +273,12 @@ class Checkpointer:
         if check is not None:
             check(meta, os.path.join(path, "meta.json"))
         held = held_params(named_params, layout.tp_rank, layout.tp, layout.ep_rank, layout.ep)
-        _, error = _attempt(lambda: _load_params(PieceReader(path, meta), held, optimizer))
+        reader, error = _attempt(PieceReader, path, meta)
+        agree(error, group)
+        _, error = _attempt(_load_params, reader, held, optimizer)
+        agree(error, group)
+        saved_buffers, error = _attempt(lambda: {n: reader.read_whole(f"buffer/{n}") for n in buffers
+                                                 if f"buffer/{n}" in reader.index})
         agree(error, group)
         optimizer.publish_params()
         optimizer.step_count = int(meta["optimizer"]["step"])
@@ -273,4 +288,4 @@ class Checkpointer:
         if layout.holds_as_saved(meta.get("layout", {})) and f"rank_{dist.get_rank():05d}.pt" in meta.get("files", {}):
             rank_state, error = _attempt(load_data_file, os.path.join(path, f"rank_{dist.get_rank():05d}.pt"))
             agree(error, group)
-        return Loaded(tag, path, meta, rank_state)
+        return Loaded(tag, path, meta, rank_state, saved_buffers)

@@ -136,29 +136,42 @@ def check_norm_args(x, weight, bias, name):
         raise ValueError(f"{name} kernels support fp16, bf16 and fp32 inputs, got {x.dtype}; use backend='torch'")
 
 
-def _warps(shapes):
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in shapes]
+def _warps(num_warps, **kwargs):
+    return [triton.Config(dict(kwargs), num_warps=w, num_stages=1) for w in num_warps]
 
 
-# (num_warps, num_stages) by GPU generation; stages > 1 pipeline the backward's loop over rows.
+# num_warps by GPU generation. num_stages stays 1: the row loops hold no loads Triton pipelines (the sm_90 PTX
+# of the backward is byte-identical for 1, 2 and 3 stages), so other values would only be timed for nothing.
+# The backward also tries PREFETCH (norms.py: the next row's loads before this row's reductions).
 _NORM_CONFIGS = {
-    "fwd": {"hopper": _warps([(4, 1), (8, 1), (16, 1)]), "ampere": _warps([(4, 1), (8, 1), (16, 1)])},
-    "bwd": {"hopper": _warps([(4, 2), (8, 2), (16, 2), (8, 3)]), "ampere": _warps([(4, 1), (8, 1), (8, 2), (16, 1)])},
+    "fwd": {"hopper": _warps((4, 8, 16)), "ampere": _warps((4, 8, 16))},
+    "bwd": {gen: _warps((4, 8, 16), PREFETCH=False) + _warps((4, 8, 16), PREFETCH=True)
+            for gen in ("hopper", "ampere")},
 }
 
 
 # Most row elements one thread may hold (BLOCK_N / (32 * num_warps)) before registers spill: found by
-# tests/kernels/test_triton_compile.py, which compiles every kept config for sm_80 and sm_90.
-_MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
+# tests/kernels/test_triton_compile.py, which compiles every kept config for sm_80 and sm_90. A prefetching
+# backward holds the next row too.
+_MAX_PER_THREAD = {"fwd": 64, "bwd": 32, "bwd-prefetch": 8}
 
 
 def norm_pick(kind: str):
-    """pick(major, args) for triton.autotune: this GPU generation's configs with enough threads for BLOCK_N."""
+    """pick(major, args) for triton.autotune: this GPU generation's configs with enough threads for BLOCK_N
+    (prefetching ones for one-pass rows only)."""
     table = _NORM_CONFIGS[kind]
 
     def pick(major, args):
         configs = table["hopper" if major >= 9 else "ampere"]
-        return [c for c in configs if args["BLOCK_N"] <= _MAX_PER_THREAD[kind] * 32 * c.num_warps]
+        kept = []
+        for c in configs:
+            prefetch = c.kwargs.get("PREFETCH", False)
+            if prefetch and not args.get("ONE_PASS", True):
+                continue
+            limit = _MAX_PER_THREAD[f"{kind}-prefetch" if prefetch else kind]
+            if args["BLOCK_N"] <= limit * 32 * c.num_warps:
+                kept.append(c)
+        return kept
     return pick
 
 
@@ -169,7 +182,24 @@ def norm_configs(kind: str) -> dict:
                 prune_configs_by={"early_config_prune": prune_by_arch(norm_pick(kind))})
 
 
-def launch(kernel, tuned, grid, args, meta):
-    """Run the autotuned wrapper on CUDA, the plain kernel (one config) under the interpreter."""
+# (autotuner, launch key) -> the config it chose. After the first launch per key the kernel is launched with
+# that config directly: the autotuner's per-call bookkeeping (a dict of every argument, its key built from
+# each tensor's dtype) is host time on every call, and these kernels' calls are short.
+_CHOSEN: dict = {}
+
+
+def launch(kernel, tuned, grid, args, meta, key, config=None):
+    """Run the plain kernel (one config) under the interpreter; on CUDA the autotuned wrapper on the first
+    launch per `key`, then the kernel with the config it chose. `key` must fix everything the autotuner's own
+    key reads (its key arguments and every tensor argument's dtype) and the device. A given `config` (tests)
+    is launched as it is, on CUDA and under the interpreter."""
     with on_device(args[0]):
-        (kernel if interpreted(kernel) else tuned)[grid](*args, **meta)
+        if config is not None or interpreted(kernel):
+            kernel[grid](*args, **meta, **(config.all_kwargs() if config is not None else {}))
+            return
+        config = _CHOSEN.get((tuned, key))
+        if config is None:
+            tuned[grid](*args, **meta)
+            _CHOSEN[(tuned, key)] = tuned.best_config
+        else:
+            kernel[grid](*args, **meta, **config.all_kwargs())

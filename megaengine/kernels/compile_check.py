@@ -7,10 +7,12 @@ runs slowly (spills, no tensor cores).
 
     TRITON_INTERPRET=0 python -m megaengine.kernels.compile_check [--json results.json]
 
-prints one line per config (registers, shared memory, spills, tensor-core instructions) and exits 1 if any
-fails. Arguments are specialised as a launch on contiguous tensors specialises them: pointers and strides
-16-byte divisible, head-dim strides equal to 1. Attention is compiled causal, whose code is a superset of the
-non-causal one. tests/kernels/test_triton_compile.py runs it in CI.
+prints one line per config (registers, shared memory, spills, tensor-core instructions, vector loads) and
+exits 1 if any fails. Arguments are specialised as a launch on contiguous tensors specialises them: pointers
+and strides 16-byte divisible, head-dim strides equal to 1; the norms' row width N both ways (a multiple of
+16 or not), and an aligned row must be loaded as vectors where a thread holds 8 or more of its elements.
+Attention is compiled causal, whose code is a superset of the non-causal one. tests/kernels/
+test_triton_compile.py runs it in CI.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 ARCHS = (80, 90)
-FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "DW_PART", "DB_PART"}
+FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "PARTIALS", "DQ_ACC"}
 INT32_POINTERS = {"OFFS"}
 # Upper-case arguments that are sizes, not pointers (attention's Q and K are pointers; the grouped GEMM's are sizes).
 INT_ARGS = {"_grouped_mm": {"M", "N", "K", "G"}, "_grouped_mm_wgrad": {"P", "Q"}}
@@ -68,10 +70,15 @@ def _kernel(name):
 
 
 def _signature(kernel, dtype, constexprs, name=""):
-    """(signature, constexprs, attrs) for triton.compile, as a launch on contiguous tensors would make them."""
+    """(signature, constexprs, attrs) for triton.compile, as a launch on contiguous tensors would make them.
+    The pseudo-constexpr N_ALIGNED says whether the row width N is a multiple of 16, which a launch specialises
+    on (it lets the norms load 16 bytes at a time)."""
     signature, constexprs, attrs = {}, dict(constexprs), {}
+    aligned = constexprs.pop("N_ALIGNED", False)
     for i, arg in enumerate(kernel.arg_names):
-        if arg in constexprs:
+        if arg == "N" and aligned:
+            signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        elif arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.startswith("stride_") and arg.endswith("d"):  # the head-dim stride of a contiguous tensor
             signature[arg], constexprs[arg] = "constexpr", 1
@@ -112,7 +119,8 @@ def compile_job(job) -> dict:
     regs, stack, static_shared, local = map(int, found.groups())
     ptx = compiled.asm["ptx"]
     return {"registers": regs, "stack": stack, "local": local, "shared": compiled.metadata.shared + static_shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")}
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"),
+            "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx))}
 
 
 def problem(job, result) -> str | None:
@@ -126,6 +134,10 @@ def problem(job, result) -> str | None:
         found.append(f"spills registers ({result['registers']} registers, stack {result['stack']} B, "
                      f"local {result['local']} B)")
     name, dtype, constexprs = job[0], job[2], dict(job[3])
+    # A thread holding 8 or more consecutive bf16 elements of an aligned row should load them 16 bytes at a time
+    # (fewer holds are loaded whole anyway: 16 warps over 1024 columns give each thread 2, one 4-byte load).
+    if constexprs.get("N_ALIGNED") and constexprs["BLOCK_N"] >= 8 * 32 * job[4] and not result.get("vector_loads"):
+        found.append("aligned rows are not loaded as vectors (16 bytes at a time)")
     if name in TENSOR_CORE_KERNELS and dtype != "fp32":
         if arch >= 90 and constexprs.get("HEAD_DIM", 0) <= 128 and not result["wgmma"]:
             found.append("no wgmma on Hopper (mma.sync only, about half its tensor-core rate)")
@@ -142,9 +154,13 @@ def _attention_jobs():
             for dtype in ("bf16", "fp32"):
                 for head_dim in (64, 128, 256):
                     args = {"Q": torch.empty(0, dtype=TORCH_DTYPE[dtype]), "HEAD_DIM": head_dim}
-                    for c in pick(arch // 10, args):
+                    # dk/dv both ways: with and without accumulating dq atomically
+                    for atomic, c in ((a, c) for a in ((False, True) if "dkdv" in name else (None,))
+                                      for c in pick(arch // 10, {**args, "ATOMIC_DQ": bool(a)})):
                         constexprs = dict(HEAD_DIM=head_dim, CAUSAL=True, UPCAST=False,
                                           PRECISION="ieee" if dtype == "fp32" else "tf32", **c.kwargs)
+                        if atomic is not None:
+                            constexprs["ATOMIC_DQ"] = atomic
                         jobs.setdefault(f"{name}-sm{arch}", []).append(
                             (name, arch, dtype, tuple(constexprs.items()), c.num_warps, c.num_stages))
     for arch in ARCHS:  # not autotuned: the launcher's fixed block
@@ -157,14 +173,19 @@ def _attention_jobs():
 def _norm_jobs():
     from megaengine.kernels._shared import CHUNK, ONE_PASS_MAX, ONE_PASS_MAX_BWD, norm_pick
     jobs = {}
-    for kind, one_pass_max, kernels in (("fwd", ONE_PASS_MAX, {"_layer_norm_fwd": {"HAS_BIAS": True},
-                                                                "_rms_norm_fwd": {}}),
-                                        ("bwd", ONE_PASS_MAX_BWD, {"_layer_norm_bwd": {}, "_rms_norm_bwd": {}})):
+    # LayerNorm and RMSNorm share one kernel per pass (norms.py); the RMS flag compiles it either way.
+    for kind, one_pass_max, kernels in (("fwd", ONE_PASS_MAX, {"_layer_norm_fwd": {"RMS": False, "HAS_BIAS": True},
+                                                                "_rms_norm_fwd": {"RMS": True, "HAS_BIAS": False}}),
+                                        ("bwd", ONE_PASS_MAX_BWD, {"_layer_norm_bwd": {"RMS": False},
+                                                                   "_rms_norm_bwd": {"RMS": True}})):
         for name, extra in kernels.items():
             for arch in ARCHS:
-                for block_n, one_pass in ((1024, True), (one_pass_max, True), (CHUNK, False)):
-                    for c in norm_pick(kind)(arch // 10, {"BLOCK_N": block_n}):
-                        constexprs = dict(BLOCK_N=block_n, ONE_PASS=one_pass, **extra)
+                # (BLOCK_N, ONE_PASS, row widths): hidden 2048 and 4096, the training widths, aligned only.
+                blocks = ((1024, True, (False, True)), (2048, True, (True,)), (4096, True, (True,)),
+                          (one_pass_max, True, (False, True)), (CHUNK, False, (False, True)))
+                for block_n, one_pass, aligned in ((b, o, a) for b, o, widths in blocks for a in widths):
+                    for c in norm_pick(kind)(arch // 10, {"BLOCK_N": block_n, "ONE_PASS": one_pass}):
+                        constexprs = dict(BLOCK_N=block_n, ONE_PASS=one_pass, **extra, **c.kwargs, N_ALIGNED=aligned)
                         jobs.setdefault(f"{name}-sm{arch}", []).append(
                             (name, arch, "bf16", tuple(constexprs.items()), c.num_warps, c.num_stages))
     return jobs
@@ -227,7 +248,8 @@ def main(argv=None) -> int:
         failed += why is not None
         usage = "" if "error" in result else (f"regs {result['registers']:3d}  shared {result['shared']:6d} B  "
                                                f"spill {result['stack'] + result['local']} B  "
-                                               f"wgmma {result['wgmma']} mma {result['mma']}")
+                                               f"wgmma {result['wgmma']} mma {result['mma']} "
+                                               f"vector loads {result['vector_loads']}")
         print(f"{'FAIL' if why else 'ok  '}  {describe(job):70s} {usage}  {why or ''}")
     print(f"{len(rows) - failed} of {len(rows)} configs pass")
     if args.json:

@@ -40,14 +40,22 @@ def extension():
                 verbose=os.environ.get("MEGAENGINE_VERBOSE_BUILD") == "1")
 
 
-def check_available(x: torch.Tensor) -> None:
-    """Raise a ConfigError naming the reason when backend "cuda" cannot run on `x`; builds on first use."""
-    reason = unavailable_reason(x)
+@functools.cache
+def _process_reason() -> Optional[str]:
+    """unavailable_reason() and the build, decided once per process: the checks search PATH and stat files,
+    which would be host time on every norm call."""
+    reason = unavailable_reason()
     if reason is None:
         try:
             extension()
         except Exception as error:  # a failed build must name itself, not surface as an obscure ImportError
             reason = f"building csrc/ failed: {error}"
+    return reason
+
+
+def check_available(x: torch.Tensor) -> None:
+    """Raise a ConfigError naming the reason when backend "cuda" cannot run on `x`; builds on first use."""
+    reason = _process_reason() if x.is_cuda else unavailable_reason(x)
     if reason is not None:
         raise ConfigError(f"kernel backend 'cuda' is unavailable: {reason}; use backend='triton' or 'torch'")
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from megaengine.context_parallel import (ContextParallel, check_context_parallel, context_parallel_attention,
                                          position_ids)
+from megaengine.fp8.config import FP8Config
 from megaengine.moe.config import MoEConfig, check_moe, moe_layer_pattern, moe_mlp_parameters
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -52,9 +53,10 @@ class GPTConfig:
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     sequence_parallel: bool = False
-    attention_backend: str = "auto"  # auto (= sdpa), sdpa, torch, triton
-    normalization_backend: str = "auto"  # auto, torch, triton, cuda
+    attention_backend: str = "auto"  # auto (timed choice on CUDA, sdpa on CPU), sdpa, torch, triton
+    normalization_backend: str = "auto"  # auto (timed choice on CUDA, torch on CPU), torch, triton, cuda
     init_seed: int = 1234
+    fp8: FP8Config | None = None  # FP8 matmuls in the transformer layers' linears (megaengine.fp8); None: off
     moe: MoEConfig | None = None  # Mixture of Experts MLPs (megaengine.moe); None: a dense model
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
@@ -70,10 +72,12 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
-        kept = {k: v for k, v in d.items() if k in names}
-        if isinstance(kept.get("moe"), dict):  # to_dict() writes the nested config as a dict
-            kept["moe"] = MoEConfig.from_dict(kept["moe"])
-        return cls(**kept)
+        d = {k: v for k, v in d.items() if k in names}
+        if isinstance(d.get("fp8"), dict):  # to_dict (asdict) writes the nested configs as dicts
+            d["fp8"] = FP8Config(**d["fp8"])
+        if isinstance(d.get("moe"), dict):
+            d["moe"] = MoEConfig.from_dict(d["moe"])
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +136,10 @@ class Norm(nn.Module):
 
     def forward(self, x):
         w = replicated_param(self.weight, self.group, self.sequence_parallel)
+        if self.backend == "auto" and x.is_cuda:  # the fastest correct implementation, timed once per shape
+            from megaengine.kernels import select
+            b = None if self.bias is None else replicated_param(self.bias, self.group, self.sequence_parallel)
+            return select.norm(self.kind, x, w, b, self.eps)
         if self.kind == "RMSNorm":
             if self.backend in ("auto", "torch") and not x.is_cuda:
                 return rms_norm_torch(x, w, self.eps)
@@ -179,12 +187,14 @@ class Attention(nn.Module):
         # The fused projection holds [q; k; v] in the output dim; each part is split over tp separately.
         self.qkv = ColumnParallelLinear(
             config.hidden_size, (heads + 2 * groups) * d, bias=bias, sequence_parallel=sp, group=group,
-            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std))
+            segments=(heads * d, groups * d, groups * d), init_method=seeded_init(seed, f"{layer_name}.qkv", std),
+            fp8=config.fp8)
         self.proj = RowParallelLinear(heads * d, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std))
+                                      init_method=seeded_init(seed, f"{layer_name}.proj", out_std), fp8=config.fp8)
 
     def forward(self, x, rope=None, cp=None):
-        qkv = self.qkv(x)  # (s, b, local q+k+v)
+        tokens = None if cp is None else cp.group  # FP8 scales are those of the whole sequence
+        qkv = self.qkv(x, tokens)  # (s, b, local q+k+v)
         s, b = qkv.shape[:2]
         d, hq, hk = self.head_dim, self.heads_local, self.groups_local
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
@@ -193,7 +203,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = self.core_attention(q, k, v, cp)  # (b, hq, s, d)
         out = out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
-        return self.proj(out)
+        return self.proj(out, tokens)
 
     def core_attention(self, q, k, v, cp=None):
         backend = self.config.attention_backend
@@ -206,6 +216,10 @@ class Attention(nn.Module):
                 raise ValueError("--attention-backend triton has no attention dropout; set --attention-dropout 0")
             from megaengine.kernels import flash_attention
             return flash_attention(q, k, v, causal=True, backend="triton")
+        if backend == "auto" and q.is_cuda:  # the fastest correct implementation, timed once per shape
+            from megaengine.kernels import select
+            with tp_rng():
+                return select.attention(q, k, v, p)
         if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves heads/groups query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -231,18 +245,20 @@ class MLP(nn.Module):
         # SwiGLU stacks [gate; up] in one projection, each half split over tp separately.
         self.fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias, sequence_parallel=sp, group=group,
-            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std))
+            segments=(ffn, ffn) if self.swiglu else None, init_method=seeded_init(seed, f"{layer_name}.fc1", std),
+            fp8=config.fp8)
         self.fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias, sequence_parallel=sp, group=group,
-                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std))
+                                     init_method=seeded_init(seed, f"{layer_name}.fc2", out_std), fp8=config.fp8)
 
-    def forward(self, x):
-        h = self.fc1(x)
+    def forward(self, x, cp=None):
+        tokens = None if cp is None else cp.group  # FP8 scales are those of the whole sequence
+        h = self.fc1(x, tokens)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.fc2(h)
+        return self.fc2(h, tokens)
 
 
 class TransformerLayer(nn.Module):
@@ -263,7 +279,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x, rope=None, cp=None):
         x = x + self._dropout(self.attention(self.input_norm(x), rope, cp))
-        return x + self._dropout(self.mlp(self.post_attention_norm(x)))
+        return x + self._dropout(self.mlp(self.post_attention_norm(x), cp))
 
     def _dropout(self, x):
         p = self.config.hidden_dropout if self.training else 0.0

@@ -28,8 +28,9 @@ class CommStats:
 
     def record(self, op: str, nbytes: int, n: int, volume: float | None = None) -> None:
         """`volume`: the bytes this rank sends, when the ring model does not give them (uneven all-to-all)."""
-        # A point-to-point send moves all its bytes; a collective over n ranks moves the ring-model share.
-        factor = 1.0 if op == "send" else {"all_reduce": 2.0}.get(op, 1.0) * (n - 1) / n
+        # A point-to-point send moves all its bytes; a collective over n ranks moves the ring-model share
+        # (all-reduces, sums or FP8's MAX, twice: reduce-scatter then all-gather).
+        factor = 1.0 if op == "send" else (2.0 if op.startswith("all_reduce") else 1.0) * (n - 1) / n
         self.calls[op] += 1
         self.bytes[op] += nbytes
         self.volume[op] += factor * nbytes if volume is None else volume
@@ -59,6 +60,15 @@ def all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM, async_op: bool
         return None
     comm_stats.record("all_reduce", _nbytes(t), n)
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+
+
+def all_reduce_max(t: torch.Tensor, group=None):
+    """In-place MAX all-reduce (FP8 amaxes), counted as its own operation, apart from the gradients' sums."""
+    n = _size(group)
+    if n == 1:
+        return None
+    comm_stats.record("all_reduce_max", _nbytes(t), n)
+    return dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
 
 
 def all_gather_into_tensor(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):

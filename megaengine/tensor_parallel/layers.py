@@ -5,6 +5,9 @@ sliced, so a shard is exactly the piece of the weight that the same seed creates
 comparable with the single-process model. Each shard's split is recorded in its `ParamInfo`
 (megaengine.parallel.params), which gradient clipping, ZeRO and checkpoints read.
 
+`fp8=FP8Config(...)` makes the column and row layers run their matmuls in FP8 (megaengine.fp8); the layer then
+holds its scaling state as the submodule `fp8`.
+
 Sequence parallelism (Korthikanti et al. 2022): activations outside these layers are split along dim 0 (the
 sequence, layout (seq, batch, hidden)); the column layer all-gathers them, the row layer reduce-scatters.
 """
@@ -64,6 +67,26 @@ def take_shard(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) ->
     return shard_rows(full.movedim(dim, 0), rank, size, info.tp_segments).movedim(0, dim)
 
 
+def make_fp8(config):
+    """The FP8 scaling state of a layer (None: FP8 off)."""
+    if config is None:
+        return None
+    from megaengine.fp8.scaling import make_scaling
+    return make_scaling(config)
+
+
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, parallel: str,
+           token_group=None) -> torch.Tensor:
+    """x W^T (+ bias) for a "column" or "row" layer: F.linear, or the FP8 linear when the layer has FP8 state
+    (which then needs to know which operands are sharded over the layer's group, and the group x's tokens are
+    split over, if any: context parallelism)."""
+    if layer.fp8 is None:
+        return F.linear(x, layer.weight, bias)
+    from megaengine.fp8.linear import fp8_linear
+    return fp8_linear(x, layer.weight, bias, scaling=layer.fp8, group=layer.group, parallel=parallel,
+                      token_group=token_group)
+
+
 def _create(shape, init_method: InitMethod, dtype, device) -> torch.Tensor:
     full = torch.empty(shape, dtype=torch.float32)
     init_method(full)
@@ -79,7 +102,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False, group=None, *, init_method: InitMethod | None = None,
-                 segments: Sequence[int] | None = None, dtype=torch.float32, device=None):
+                 segments: Sequence[int] | None = None, fp8=None, dtype=torch.float32, device=None):
         super().__init__()
         self.group = resolve_group(group)
         size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -99,13 +122,15 @@ class ColumnParallelLinear(nn.Module):
             mark_tensor_parallel(self.bias, 0, segments)
         else:
             self.register_parameter("bias", None)
+        self.fp8 = make_fp8(fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_group=None) -> torch.Tensor:
+        """`token_group`: the group x's tokens are split over (context parallel), for FP8's amaxes over tokens."""
         if self.sequence_parallel:
             x = comm.all_gather_sequence(x, self.group, dim=0)
         else:
             x = comm.copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self, self.bias, "column", token_group)
         return comm.gather_from_tp_region(y, self.group, dim=-1) if self.gather_output else y
 
 
@@ -115,7 +140,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, group=None, *, init_method: InitMethod | None = None,
-                 dtype=torch.float32, device=None):
+                 fp8=None, dtype=torch.float32, device=None):
         super().__init__()
         self.group = resolve_group(group)
         size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -133,13 +158,15 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self.fp8 = make_fp8(fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_group=None) -> torch.Tensor:
+        """`token_group`: as for ColumnParallelLinear."""
         if dist.get_world_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self, self.bias, "row", token_group)
         if not self.input_is_parallel:
             x = comm.scatter_to_tp_region(x, self.group, dim=-1)
-        y = F.linear(x, self.weight)
+        y = linear(x, self, None, "row", token_group)
         if self.sequence_parallel:
             y = comm.reduce_scatter_sequence(y, self.group, dim=0)
         else:

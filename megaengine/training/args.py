@@ -170,6 +170,19 @@ def _training_flags(g) -> None:
     g.add_argument("--exit-interval", type=_positive_int("--exit-interval"), help="stop after an iteration divisible by this")
 
 
+def _fp8_flags(g) -> None:
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
+                   help="FP8 matmuls in the transformer layers' linears (needs --bf16): e4m3 everywhere, or hybrid "
+                        "(e4m3 forward, e5m2 gradients) (default: off)")
+    g.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise", "delayed"], default="delayed",
+                   help="FP8 scaling: per tensor from the current amax, per row, or from an amax history")
+    g.add_argument("--fp8-amax-history-len", type=_positive_int("--fp8-amax-history-len"), default=1,
+                   help="steps of amax history for --fp8-recipe delayed")
+    g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="most_recent",
+                   help="delayed scaling's amax: the largest in the history or the newest")
+    g.add_argument("--fp8-margin", type=int, default=0, help="scale FP8 values down by 2^margin to leave headroom")
+
+
 def _data_flags(g) -> None:
     g.add_argument("--data-path", nargs="*",
                    help="prefixes of .bin/.idx files, optionally weighted: 0.7 a 0.3 b (default: the embedded corpus)")
@@ -216,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p.add_argument_group("model"))
     _moe_flags(p.add_argument_group("mixture of experts"))
     _training_flags(p.add_argument_group("training"))
+    _fp8_flags(p.add_argument_group("fp8"))
     _data_flags(p.add_argument_group("data"))
     _checkpointing_flags(p.add_argument_group("checkpointing"))
     _fault_tolerance_flags(p.add_argument_group("fault tolerance"))

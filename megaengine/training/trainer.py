@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from megaengine import parallel
-from megaengine.checkpoint import Checkpointer, Layout, latest_tag
+from megaengine.checkpoint import Checkpointer, Layout, latest_tag, load_buffers, named_buffers
 from megaengine.config import Config, resolve, same_file
 from megaengine.context_parallel import split_for_rank
 from megaengine.data import MicroBatchLoader, Tokenizer, build_datasets, ensure_default_corpus
 from megaengine.errors import ConfigError
+from megaengine.fp8 import set_grad_divisor, update_amax_history
 from megaengine.models import GPT, count_parameters
 from megaengine.models.gpt import generate
 from megaengine.moe import pop_moe_stats, set_aux_loss_scale
@@ -207,6 +208,7 @@ def build_model_chunks(cfg: Config, state) -> list:
     chunks = [GPT(cfg.model, state.tp_group, cp_group=state.cp_group, cp_comm_type=cfg.parallel.cp_comm_type,
                   layers=ranges[c], pre_process=(r == 0 and c == 0), post_process=(r == pp - 1 and c == v - 1),
                   ep_group=state.ep_group) for c in range(v)]
+    set_grad_divisor(chunks, state.dp_cp_size)  # FP8 histories in the global batch's units: the same at any dp
     return [c.to(device=state.device, dtype=cfg.train.param_dtype) for c in chunks]
 
 
@@ -281,8 +283,23 @@ def next_batches(loader, n: int, state, vocab_size: int | None = None) -> list:
 
 
 def train_step(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> torch.Tensor:
-    """Forward and backward over the iteration's micro-batches, gradients reduced and ready for step().
-    Returns this rank's share of the iteration's mean loss (zero on pipeline stages without the loss)."""
+    """Forward and backward over the iteration's micro-batches, gradients reduced and ready for step(), FP8
+    scales updated for the next step. Returns this rank's share of the iteration's mean loss (zero on pipeline
+    stages without the loss)."""
+    total = forward_backward(chunks, optimizer, batches, plan, state)
+    update_fp8_scales(chunks, state)
+    return total
+
+
+def update_fp8_scales(chunks, state) -> None:
+    """FP8 delayed scaling: the step's amaxes, MAX-reduced over tp and the weight replicas (dp x cp: the amaxes of
+    the whole global batch, so every layout agrees), enter the histories that scale the next step. Collective;
+    nothing to do without delayed-scaling layers."""
+    update_amax_history(chunks, groups=(state.tp_group, state.dp_cp_group))
+
+
+def forward_backward(chunks, optimizer, batches, plan: PipelinePlan | None, state) -> torch.Tensor:
+    """The micro-batches through one stage, or through the pipeline schedule; gradients reduced."""
     optimizer.zero_grad()
     n = len(batches)
     scale_aux_losses(chunks, optimizer, n)
@@ -458,13 +475,17 @@ class TrainingCheckpoints:
     def named_params(self) -> list:
         return [(chunk.global_name(name), p) for chunk in self.chunks for name, p in chunk.named_parameters()]
 
+    def named_buffers(self) -> list:  # FP8 amax histories and scales
+        return [pair for chunk in self.chunks for pair in named_buffers(chunk, chunk.global_name)]
+
     def save(self, iteration: int) -> None:
         meta = {"iteration": iteration, "consumed_samples": self.loader.consumed_samples,
                 "model": self.cfg.model.to_dict(), "config": self.cfg.to_dict(),
                 "tokenizer_model": self.tokenizer_model}
         rank_state = {"rng": rng_state(), "loader": self.loader.state_dict(), "iteration": iteration}
         self.checkpointer.save(self.cfg.checkpoint.save, iteration, named_params=self.named_params(),
-                               optimizer=self.optimizer, layout=self.layout, meta=meta, rank_state=rank_state)
+                               optimizer=self.optimizer, layout=self.layout, meta=meta, rank_state=rank_state,
+                               buffers=self.named_buffers())
 
     def resume_root(self) -> str | None:
         """--load, or --save when it already holds a checkpoint (a restarted job picks up where it died)."""
@@ -479,7 +500,10 @@ class TrainingCheckpoints:
         if root is None:
             return 0
         loaded = self.checkpointer.load(root, named_params=self.named_params(), optimizer=self.optimizer,
-                                        layout=self.layout, check=self._same_model)
+                                        layout=self.layout, check=self._same_model,
+                                        buffers=[name for name, _ in self.named_buffers()])
+        for chunk in self.chunks:  # a checkpoint without FP8 state (or of another recipe) leaves it fresh
+            load_buffers(chunk, loaded.buffers, chunk.global_name)
         iteration = int(loaded.meta["iteration"])
         self.loader.load_state_dict({"consumed_samples": loaded.meta["consumed_samples"]})
         if loaded.rank_state is not None:

@@ -21,7 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from megaengine.checkpoint import Checkpointer, Layout, checkpoint_dir
+from megaengine.checkpoint import Checkpointer, Layout, checkpoint_dir, load_buffers, named_buffers
+from megaengine.fp8 import set_grad_divisor, update_amax_history
 from megaengine.parallel.mesh import ConfigError
 from megaengine.training.lr_schedule import scheduler_lr
 from megaengine.zero.config import DeepSpeedConfig, OptimConfig, load_config
@@ -42,6 +43,7 @@ class ZeroEngine:
         self.optimizer = ZeroOptimizer.from_config([model], OptimConfig.from_deepspeed(config), dp_group=dp_group,
                                                    tp_group=tp_group, pp_group=pp_group)
         self.groups = (dp_group, tp_group)
+        set_grad_divisor([model], self.optimizer.dp_size)  # FP8 histories in the global batch's units
         self.checkpointer = Checkpointer(async_save=async_save)
         self.gas = config.gradient_accumulation_steps
         self.micro_steps = self.global_steps = self.skipped_steps = 0
@@ -79,6 +81,7 @@ class ZeroEngine:
         """Call after every micro-batch; the optimizer steps at accumulation boundaries."""
         t = time.perf_counter()
         if self.is_gradient_accumulation_boundary():
+            self._update_fp8_scales()
             self.last_grad_norm, skipped = self.optimizer.step(lr=self.lr)
             self.global_steps += 1
             if skipped:
@@ -89,6 +92,12 @@ class ZeroEngine:
             self._report()
         self.micro_steps += 1
         self.timers["step"] += time.perf_counter() - t
+
+    def _update_fp8_scales(self) -> None:
+        """FP8 layers with delayed scaling (megaengine.fp8): the step's amaxes, MAX-reduced over tp and dp, go into
+        their histories. Nothing to do without them."""
+        dp_group, tp_group = self.groups
+        update_amax_history([self.module], groups=(dp_group,) + ((tp_group,) if tp_group is not None else ()))
 
     def _report(self) -> None:
         if self.global_steps % self.config.steps_per_print or dist.get_rank() != 0:
@@ -117,14 +126,17 @@ class ZeroEngine:
             raise ConfigError(f"save_checkpoint: client_state must be JSON-serialisable ({e}).") from None
         meta = {"engine": {k: getattr(self, k) for k in COUNTERS}, "client_state": client}
         self.checkpointer.save(save_dir, tag, named_params=list(self.module.named_parameters()),
-                               optimizer=self.optimizer, layout=self._layout(), meta=meta)
+                               optimizer=self.optimizer, layout=self._layout(), meta=meta,
+                               buffers=named_buffers(self.module))
         return checkpoint_dir(save_dir, tag)
 
     def load_checkpoint(self, load_dir: str, tag: int | str | None = None) -> tuple[str, dict]:
         """Collective: the newest checkpoint under `load_dir` (or `tag`), at this engine's dp size and ZeRO stage
         whatever they were at save time. Returns (its directory, client_state)."""
         loaded = self.checkpointer.load(load_dir, tag, named_params=list(self.module.named_parameters()),
-                                        optimizer=self.optimizer, layout=self._layout(), check=_engine_checkpoint)
+                                        optimizer=self.optimizer, layout=self._layout(), check=_engine_checkpoint,
+                                        buffers=[name for name, _ in named_buffers(self.module)])
+        load_buffers(self.module, loaded.buffers)
         for k in COUNTERS:
             setattr(self, k, int(loaded.meta["engine"][k]))
         return loaded.path, loaded.meta["client_state"]

@@ -32,8 +32,8 @@ def _main(rank, world, argv):
     return main(argv)
 
 
-def train(world, argv, metrics):
-    codes = run_distributed(_main, world, argv + ["--metrics-file", str(metrics)], timeout=300)
+def train(world, argv, metrics, main=_main):
+    codes = run_distributed(main, world, argv + ["--metrics-file", str(metrics)], timeout=300)
     assert codes == [0] * world, codes
     return {r["iteration"]: r for r in map(json.loads, open(metrics)) if "loss" in r}
 

@@ -34,13 +34,13 @@ def reference(q, k, v, do, causal):
     return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
-def check(q, k, v, do, causal, blocks=None):
+def check(q, k, v, do, causal, blocks=None, atomic_dq=False):
     """Forward and backward through the launchers with every output buffer NaN-poisoned."""
     batch, heads, seq_q, _ = q.shape
     lse = torch.full((batch, heads, seq_q), float("nan"), device=q.device)
     out, lse = attention_forward(q, k, v, causal, out=nan_like(q), lse=lse, blocks=blocks)
     dq, dk, dv = attention_backward(do, q, k, v, out, lse, causal, dq=nan_like(q), dk=nan_like(k), dv=nan_like(v),
-                                    delta=nan_like(lse), blocks=blocks)
+                                    delta=nan_like(lse), blocks=blocks, atomic_dq=atomic_dq)
     want = reference(q, k, v, do, causal)
     tol = TOLERANCE[q.dtype]
     for name, ours, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), want):
@@ -109,3 +109,30 @@ def test_reference_matches_sdpa():
         want = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal,
                                                                 scale=1 / math.sqrt(16))
         torch.testing.assert_close(ours, want)
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,seq_q,seq_k,head_dim,causal,blocks", [
+    (torch.float32, 4, 2, 130, 130, 32, True, None),  # GQA: dq of every query head of a kv group
+    (torch.float32, 2, 1, 67, 50, 32, False, None),  # MQA, ragged, seq_q != seq_k
+    (torch.bfloat16, 2, 2, 67, 67, 64, True, {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}),
+    (torch.float32, 1, 1, 130, 130, 16, False, {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)}),
+])
+def test_atomic_dq_matches_float64_reference(dtype, heads, kv_heads, seq_q, seq_k, head_dim, causal, blocks,
+                                             device):
+    """The backward that accumulates dq with atomics in the dk/dv kernel (no dq kernel) gives the reference's
+    dq, dk and dv; the dq buffer is NaN-poisoned, so a row it never reaches fails."""
+    q, k, v, do = inputs(1, heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed=seq_q + seq_k, device=device)
+    check(q, k, v, do, causal, blocks, atomic_dq=True)
+
+
+def test_atomic_dq_through_autograd(device):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 40, 16, generator=g).to(device).requires_grad_() for h in (4, 2, 2))
+    do = torch.randn(1, 4, 40, 16, generator=g).to(device)
+    grads = {}
+    for atomic in (False, True):
+        flash_attention(q, k, v, causal=True, backend="triton", atomic_dq=atomic).backward(do)
+        grads[atomic] = [t.grad.clone() for t in (q, k, v)]
+        q.grad = k.grad = v.grad = None
+    for separate, atomic in zip(grads[False], grads[True]):
+        assert rel_err(atomic, separate.double()) <= 1e-5

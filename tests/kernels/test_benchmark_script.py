@@ -26,6 +26,8 @@ def bench(monkeypatch):
     norm = {"ours-triton": 900.0, "ours-cuda": 700.0, "torch": 500.0, "torch.compile": 850.0}
     monkeypatch.setattr(module, "norm_runners", lambda: {k: {n: n for n in norm} for k in ("layernorm", "rmsnorm")})
     monkeypatch.setattr(module, "time_norm", lambda run, hidden: norm[run])
+    per_call = {"ours-triton": 41.0, "ours-cuda": 30.0, "torch": 25.0, "torch.compile": 60.0}
+    monkeypatch.setattr(module, "time_norm_call", lambda run, hidden: per_call[run])
     return module
 
 
@@ -48,3 +50,26 @@ def test_only_one_half(bench, tmp_path, monkeypatch):
     bench.main()
     text = out.read_text()
     assert "Attention TFLOP/s" not in text and "LayerNorm / RMSNorm" in text and "--only norms" in text
+
+
+def test_issue15_targets_and_per_call_cost(bench, tmp_path, monkeypatch):
+    out = tmp_path / "k.md"
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--quick", "--out", str(out)])
+    bench.main()
+    text = out.read_text()
+    assert ("- Attention fwd+bwd, head dim 128, ours / best SDPA backend >= 1.0 (issue 15): met at 4 of 4 (causal, "
+            "seq) cells (full 1024: 1.10, full 4096: 1.10, causal 1024: 1.10, causal 4096: 1.10).") in text
+    assert "- Attention fwd, head dim 128, ours / best SDPA backend >= 1.0 (issue 15): met at 4 of 4" in text
+    assert ("- Norms forward+backward (ours-triton) >= 85% of copy for hidden >= 2048 and ahead of torch eager and "
+            "Liger at every width (issue 15): met at 4 of 4 cells; missed: none.") in text
+    assert "## Norm per-call cost: microseconds per forward+backward at 16 rows, hidden 4096" in text
+    assert "| layernorm | 4096 | 41.0 | 30.0 | 25.0 | 60.0 |" in text
+
+
+def test_issue15_norm_target_names_the_misses(bench):
+    measured = {("layernorm", 1024): {"ours-triton": 500.0, "torch": 600.0, "liger": 400.0},
+                ("layernorm", 4096): {"ours-triton": 800.0, "torch": 600.0, "liger": "n/a (x)"},
+                ("rmsnorm", 4096): {"ours-triton": 900.0, "torch": 600.0, "liger": 950.0}}
+    line = bench.issue15_norm_target(measured, 1000.0)
+    assert "met at 0 of 3 cells; missed: layernorm 1024 (0.50 of copy), layernorm 4096 (0.80 of copy), " \
+           "rmsnorm 4096 (0.90 of copy)." in line

@@ -123,3 +123,26 @@ def test_public_api_autograd(device):
                      lambda x, w: layer_norm_reference(x, w, None, 1e-5), [x, w], dy)
     autograd_matches(lambda x, w: rms_norm(x, w, 1e-6, backend="triton"),
                      lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], dy)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_every_backward_config_gives_the_same_gradients(rms, device):
+    """Every backward config the autotuner may pick (with and without PREFETCH; num_warps too on a GPU) gives
+    the float64 reference's gradients, so its choice is one of speed only. Several rows per program, the last
+    program short: the prefetch of a row past a program's end must read nothing."""
+    from megaengine.kernels._shared import norm_pick
+    from megaengine.kernels.norms import norm_backward, norm_forward
+    rows = 13 if device.type == "cpu" else 1000
+    x, w, b, dy = inputs(rows, 100, torch.float32, torch.float32, seed=11, device=device)
+    bias = None if rms else b
+    configs = norm_pick("bwd")(9, {"BLOCK_N": 128, "ONE_PASS": True})
+    assert {c.kwargs["PREFETCH"] for c in configs} == {False, True}
+    _, mean, rstd = norm_forward(x, w, bias, 1e-5, rms)
+    x64, w64, b64 = (t.cpu().double().requires_grad_() for t in (x, w, b))
+    ref = rms_norm_reference(x64, w64, 1e-5) if rms else layer_norm_reference(x64, w64, b64, 1e-5)
+    ref.backward(dy.cpu().double())
+    for c in configs:
+        dx, dw, db = norm_backward(dy, x, w, mean, rstd, rms, config=c)
+        assert_close(f"dx {c}", dx, x64.grad, 1e-5)
+        assert_close(f"dweight {c}", dw, w64.grad, 1e-5)
+        assert (db is None) if rms else rel_err(db, b64.grad) <= 1e-5

@@ -58,3 +58,17 @@ def test_picks_follow_generation_dtype_and_block():
         kept = norm_pick(kind)(9, {"BLOCK_N": block_n})
         assert kept and all(block_n <= per_thread * 32 * c.num_warps for c in kept)
         assert len(norm_pick(kind)(9, {"BLOCK_N": 1024})) > len(kept)
+
+
+def test_aligned_rows_must_load_vectors():
+    """The compile check's vector rule: an aligned row held 8+ elements per thread must be loaded 16 bytes at a
+    time; unaligned rows, and threads holding fewer elements, are exempt."""
+    def job(block_n, warps, aligned):
+        constexprs = (("BLOCK_N", block_n), ("ONE_PASS", True), ("RMS", False), ("N_ALIGNED", aligned))
+        return ("_layer_norm_bwd", 90, "bf16", constexprs, warps, 1)
+    vectorised = {"registers": 96, "stack": 0, "local": 0, "shared": 1024, "wgmma": 0, "mma": 0, "vector_loads": 4}
+    scalar = {**vectorised, "vector_loads": 0}
+    assert compile_check.problem(job(2048, 4, True), vectorised) is None
+    assert "vectors" in compile_check.problem(job(2048, 4, True), scalar)
+    assert compile_check.problem(job(2048, 4, False), scalar) is None
+    assert compile_check.problem(job(1024, 16, True), scalar) is None  # 2 elements per thread: one 4-byte load
