@@ -316,6 +316,9 @@ class GPT(nn.Module):
                                num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
                                attention_dropout=config.attention_dropout, attention_backend=config.attention_backend)
         self.cp = ContextParallel(cp_group, cp_comm_type) if cp > 1 else None
+        if cp > 1 and config.moe is not None:
+            raise ConfigError("MoE layers (--num-experts) do not support context parallelism yet; build the model "
+                              "without a cp group.")
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layers or (0, config.num_layers)
         self.layer_range = (start, end)

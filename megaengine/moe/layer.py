@@ -61,7 +61,8 @@ class MoEMLP(nn.Module):
         self.stats: dict[str, torch.Tensor] = {}
         self.micro_batches = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cp=None) -> torch.Tensor:
+        """`cp`: the dense MLP's context-parallel argument; MoE layers refuse context parallelism when built."""
         s, b, h = x.shape
         tokens = x.reshape(s * b, h)
         training = self.training and torch.is_grad_enabled()
