@@ -23,6 +23,7 @@ from megaengine.errors import ConfigError
 from megaengine.fp8.config import FP8Config, check_fp8_run
 from megaengine.models.gpt import GPTConfig
 from megaengine.models.recompute import RecomputeConfig
+from megaengine.moe.config import MoEConfig, check_moe
 from megaengine.parallel.mesh import check_layout
 from megaengine.pipeline import schedules
 from megaengine.pipeline.partition import layer_ranges
@@ -44,6 +45,7 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank
     schedule: str = "1f1b"  # the pipeline schedule (pipeline.schedules), used when pp > 1
     sequence_parallel: bool = False
+    ep: int = 1  # expert-parallel size, carved out of dp
     cp: int = 1  # context parallel: ranks sharing each sequence
     cp_comm_type: str = "p2p"  # "p2p" (ring attention) or "a2a" (all-to-all, Ulysses)
     backend: str | None = None  # None: nccl with CUDA, else gloo
@@ -129,7 +131,8 @@ class Config:
             "megaengine configuration ([flag], [preset] or [json]: where a value came from; unmarked: default)",
             f"  layout     tp {v('tensor_model_parallel_size', p.tp)} x pp {v('pipeline_model_parallel_size', p.pp)}"
             + (f" x cp {v('context_parallel_size', p.cp)}" if p.cp > 1 else "")
-            + f" x dp {p.dp}" + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
+            + f" x dp {p.dp}" + (f" (ep {v('expert_model_parallel_size', p.ep)})" if p.ep > 1 else "")
+            + (f" | pipeline schedule {p.schedule}, {p.virtual_stages} virtual stage(s)" if p.pp > 1
                                 else "") + (" | sequence parallel" if p.sequence_parallel else "")
             + (f" | context parallel {v('cp_comm_type', p.cp_comm_type)}, {m.seq_length // p.cp} tokens per rank, "
                f"attention dropout {m.attention_dropout}" if p.cp > 1 else ""),
@@ -137,6 +140,7 @@ class Config:
             f"({m.num_query_groups} kv), ffn {m.ffn_hidden_size}, seq {m.seq_length}, vocab {m.vocab_size}, "
             f"{m.position_embedding_type}, {m.normalization}{', SwiGLU' if m.swiglu else ''}"
             + (f", recompute {m.recompute.describe()}" if m.recompute.granularity else ""),
+            *([_moe_summary(m.moe, v)] if m.moe else []),
             f"  batch      global {v('global_batch_size', t.global_batch_size)} = micro "
             f"{v('micro_batch_size', t.micro_batch_size)} x {t.micro_batches(p.dp)} accumulation x dp {p.dp}; "
             f"{v('train_iters', t.train_iters)} iterations",
@@ -158,6 +162,17 @@ class Config:
         if self.zero_config:
             lines.append(f"  DeepSpeed  {self.zero_config}: keys it leaves out took the flags' values")
         return "\n".join(lines)
+
+
+def _moe_summary(moe: MoEConfig, v) -> str:
+    capacity = ("dropless" if moe.moe_expert_capacity_factor is None else
+                f"capacity factor {v('moe_expert_capacity_factor', moe.moe_expert_capacity_factor)} "
+                f"({moe.moe_token_drop_policy})")
+    return (f"  moe        {v('num_experts', moe.num_experts)} experts, "
+            f"top {v('moe_router_topk', moe.moe_router_topk)}, "
+            f"expert ffn {moe.moe_ffn_hidden_size or 'as dense'}, every {moe.moe_layer_freq} layer(s), "
+            f"{moe.moe_token_dispatcher_type}, {capacity}, aux loss "
+            f"{v('moe_aux_loss_coeff', moe.moe_aux_loss_coeff)}, z loss {v('moe_z_loss_coeff', moe.moe_z_loss_coeff)}")
 
 
 # ---- resolution -------------------------------------------------------------------------------------------
@@ -184,6 +199,7 @@ def resolve_flags(values: dict, origin: dict, world_size: int = 1) -> Config:
     data = _data(values, origin)
     _context_parallel_defaults(values, origin, parallel)
     model = _model(values, data, parallel, _fp8(values, origin))
+    _check_experts(model, parallel, optim)
     check_context_parallel(parallel.cp, parallel.cp_comm_type, seq_length=model.seq_length, tp=parallel.tp,
                            sequence_parallel=model.sequence_parallel, num_attention_heads=model.num_attention_heads,
                            num_query_groups=model.num_query_groups, attention_dropout=model.attention_dropout,
@@ -295,6 +311,7 @@ def _parallel(values: dict, dp: int) -> ParallelConfig:
         schedules.build(schedule, pp, glob // (micro * dp), v)
     return ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=v, schedule=schedule,
                           sequence_parallel=values["sequence_parallel"] and tp > 1,
+                          ep=values["expert_model_parallel_size"],
                           cp=values["context_parallel_size"], cp_comm_type=values["cp_comm_type"],
                           backend=values["distributed_backend"], timeout_minutes=values["distributed_timeout_minutes"])
 
@@ -384,7 +401,7 @@ def _model(values: dict, data: DataConfig, parallel: ParallelConfig, fp8: FP8Con
         make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
         init_method_std=values["init_method_std"], sequence_parallel=parallel.sequence_parallel,
         attention_backend=values["attention_backend"], normalization_backend=values["normalization_backend"],
-        init_seed=values["seed"], fp8=fp8, recompute=_recompute(values))
+        init_seed=values["seed"], fp8=fp8, moe=MoEConfig.from_dict(values), recompute=_recompute(values))
     config.validate(parallel.tp)
     if fp8 is not None and _device(values).type == "cuda":
         _check_fp8_shapes(config, parallel, values["micro_batch_size"])
@@ -399,6 +416,18 @@ def _recompute(values: dict) -> RecomputeConfig:
                           f"--recompute-granularity is {granularity}; drop one of them.")
     return RecomputeConfig(granularity=granularity or ("selective" if values["recompute_activations"] else None),
                            method=values["recompute_method"], num_layers=values["recompute_num_layers"])
+
+
+def _check_experts(model: GPTConfig, parallel: ParallelConfig, optim: OptimConfig) -> None:
+    """Expert parallelism against the layout: experts over ep, ep out of dp; ZeRO stages 0-2 only."""
+    check_moe(model.moe, num_layers=model.num_layers, ep=parallel.ep, dp=parallel.dp, tp=parallel.tp,
+              sequence_parallel=parallel.sequence_parallel, add_bias_linear=model.add_bias_linear)
+    if model.moe is not None and parallel.cp > 1:
+        raise ConfigError(f"--num-experts with --context-parallel-size {parallel.cp} is not supported yet: the router's "
+                          "load-balancing statistics would need summing over the cp ranks' sequence chunks; use cp 1.")
+    if parallel.ep > 1 and optim.zero.stage == 3:
+        raise ConfigError(f"ZeRO stage 3 with --expert-model-parallel-size {parallel.ep} is not supported (expert "
+                          "parameters are sharded over their own expert-data-parallel group); use stage 1 or 2.")
 
 
 _FP8_SETTINGS = ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin")

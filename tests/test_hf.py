@@ -1,5 +1,5 @@
-"""Hugging Face interop: exported GPT-2 and LLaMA models give transformers the same logits as megaengine, and
-the weight mapping is exactly invertible."""
+"""Hugging Face interop: exported GPT-2, LLaMA and Mixtral models give transformers the same logits as megaengine,
+and the weight mapping is exactly invertible."""
 import json
 import os
 from dataclasses import replace
@@ -10,6 +10,7 @@ import transformers  # in the dev extra: CI must run these tests, so a missing i
 
 import megaengine
 from megaengine.models.gpt import GPT, GPTConfig
+from megaengine.moe import MoEConfig
 from megaengine.parallel import ConfigError, destroy, initialize
 from megaengine.tools import hf, hf_tokenizer
 
@@ -24,7 +25,12 @@ CONFIGS = {
                            untie_embeddings_and_output_weights=True),
     "llama-tied-bias-headdim": GPTConfig(**TINY, num_query_groups=1, kv_channels=16, ffn_hidden_size=40,
                                          position_embedding_type="rope", normalization="RMSNorm", swiglu=True),
+    # Experts of the dense --ffn-hidden-size (so the HF config alone gives back every architecture field).
+    "mixtral": GPTConfig(**TINY, num_query_groups=2, ffn_hidden_size=40, position_embedding_type="rope",
+                         rotary_base=1e6, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                         untie_embeddings_and_output_weights=True, moe=MoEConfig(num_experts=4, moe_router_topk=2)),
 }
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,8 +66,7 @@ def test_export_matches_transformers_logits(name, tmp_path):
     model = build(config)
     hf.export(model, config, str(tmp_path))
     theirs = load_transformers(str(tmp_path))
-    expected_class = "GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM"
-    assert type(theirs).__name__ == expected_class
+    assert type(theirs).__name__ == HF_CLASSES[name.split("-")[0]]
     ids = torch.randint(0, config.vocab_size, (2, config.seq_length), generator=torch.Generator().manual_seed(1))
     ours = model.full_logits(ids)
     with torch.no_grad():
@@ -86,7 +91,7 @@ def test_round_trip_is_exact(name, tmp_path):
     assert all(torch.equal(disk_state[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mixtral"])
 def test_loads_what_transformers_saves_sharded(name, tmp_path):
     config = CONFIGS[name]
     state = build(config).state_dict()
@@ -96,6 +101,35 @@ def test_loads_what_transformers_saves_sharded(name, tmp_path):
     back_config, back_state = hf.load_hf(str(tmp_path / "theirs"), base=config)
     assert back_config == config
     assert all(torch.equal(back_state[k], state[k]) for k in state)
+
+
+def test_mixtral_reads_transformers_5_stacked_experts(tmp_path):
+    """transformers 5 holds Mixtral's experts stacked in memory (mlp.experts.gate_up_proj, down_proj) and writes
+    the Hub's per-expert names; both read back to the same weights."""
+    config = CONFIGS["mixtral"]
+    state = build(config).state_dict()
+    hf.export(state, config, str(tmp_path))
+    theirs = load_transformers(str(tmp_path)).state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in theirs
+    back_config, back_state = hf.from_hf(json.load(open(tmp_path / "config.json")), theirs, base=config)
+    assert back_config == config and all(torch.equal(back_state[k], state[k]) for k in state)
+
+
+def test_mixtral_keeps_the_training_settings_and_converts_the_aux_coefficient():
+    moe = MoEConfig(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24, moe_aux_loss_coeff=0.02,
+                    moe_z_loss_coeff=1e-3, moe_expert_capacity_factor=1.5, moe_layer_freq=(1, 1))
+    config = replace(CONFIGS["mixtral"], moe=moe)
+    state = build(config).state_dict()
+    hf_config, hf_state = hf.to_hf(config, state)
+    assert hf_config["intermediate_size"] == 24 and hf_config["router_aux_loss_coef"] == 0.01  # k x ours in HF
+    assert sorted(k for k in hf_state if k.startswith("model.layers.0.block_sparse_moe.experts.3.")) == [
+        f"model.layers.0.block_sparse_moe.experts.3.w{j}.weight" for j in (1, 2, 3)]
+    assert hf.from_hf(hf_config, hf_state, base=config)[0] == config
+    fresh, _ = hf.from_hf(hf_config, hf_state)  # no base: Mixtral's sizes, MoE training settings at their defaults
+    assert fresh.moe == MoEConfig(num_experts=4, moe_router_topk=2) and fresh.ffn_hidden_size == 24
+    dense_between = replace(config, moe=replace(moe, moe_layer_freq=(1, 0)))
+    with pytest.raises(ConfigError, match="--moe-layer-freq"):
+        hf.hf_family(dense_between)
 
 
 def test_unsupported_configs_name_what_blocks_them():

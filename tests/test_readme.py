@@ -23,5 +23,6 @@ def test_ci_runs_the_readme_test_command():
 
 def test_referenced_files_exist():
     for path in ["configs/gpt-tiny.json", "pretrain_gpt.py", "examples/custom_model.py", "launch/multinode.sh",
-                 "launch/slurm.sbatch", "benchmarks/step_overhead.py"]:
+                 "launch/slurm.sbatch", "benchmarks/step_overhead.py", "configs/moe-tiny.json",
+                 "configs/mixtral-8x7b.json", "benchmarks/moe.py"]:
         assert (ROOT / path).exists(), path

@@ -45,20 +45,27 @@ class Layout:
     cp: int = 1
     virtual_stages: int = 1
     zero_stage: int = 0
+    ep: int = 1
     tp_rank: int = 0
     replica: int = 0  # this rank's index among the dp x cp ranks holding the same weights
+    ep_rank: int = 0
+    expert_replica: int = 0  # ... and among the expert-data-parallel ranks holding the same experts
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("tp_rank", "replica")}
+        return {k: v for k, v in asdict(self).items() if k not in ("tp_rank", "replica", "ep_rank", "expert_replica")}
 
     def holds_as_saved(self, saved: dict) -> bool:
         """Every rank holds what the same rank held at save time (the ZeRO stage does not matter here)."""
-        return all(saved.get(k, 1) == getattr(self, k) for k in ("tp", "pp", "dp", "cp", "virtual_stages"))
+        return all(saved.get(k, 1) == getattr(self, k) for k in ("tp", "pp", "dp", "cp", "ep", "virtual_stages"))
 
-    def writes(self, key: str, replicated: bool) -> bool:
+    def writes(self, key: str, replicated: bool, expert: bool = False) -> bool:
         """Whether this rank writes piece `key`: one of the ranks holding it (all dp x cp replicas of its tp
-        shard, or also all tp ranks when replicated), spread by a hash of the name so no rank writes everything."""
+        shard, or also all tp ranks when replicated; for experts, their expert-data-parallel replicas and all tp
+        ranks), spread by a hash of the name so no rank writes everything."""
         h, replicas = zlib.crc32(key.encode()), self.dp * self.cp
+        if expert:
+            holders = replicas // self.ep
+            return h % (holders * self.tp) == self.expert_replica * self.tp + self.tp_rank
         if replicated:
             return h % (replicas * self.tp) == self.replica * self.tp + self.tp_rank
         return h % replicas == self.replica
@@ -90,8 +97,9 @@ class _Snapshot:
 
 def _snapshot(tag, named_params, optimizer, layout: Layout, meta: dict, rank_state, buffers) -> _Snapshot:
     """Collective over dp (optimizer state is gathered per parameter tp shard)."""
-    held = [h for h in held_params(named_params, layout.tp_rank, layout.tp) if not h.tied_copy]
-    mine = [(h, [pc for pc in h.pieces if layout.writes(pc.key, h.replicated)]) for h in held]
+    held = [h for h in held_params(named_params, layout.tp_rank, layout.tp, layout.ep_rank, layout.ep)
+            if not h.tied_copy]
+    mine = [(h, [pc for pc in h.pieces if layout.writes(pc.key, h.replicated, h.expert)]) for h in held]
     states = optimizer.param_states([h.param for h, pieces in mine if pieces])
     tensors, records = {}, []
     for h, pieces in mine:
@@ -264,7 +272,7 @@ class Checkpointer:
         path = checkpoint_dir(root, tag)
         if check is not None:
             check(meta, os.path.join(path, "meta.json"))
-        held = held_params(named_params, layout.tp_rank, layout.tp)
+        held = held_params(named_params, layout.tp_rank, layout.tp, layout.ep_rank, layout.ep)
         reader, error = _attempt(PieceReader, path, meta)
         agree(error, group)
         _, error = _attempt(_load_params, reader, held, optimizer)

@@ -3,7 +3,8 @@
 A parameter shard is saved as boxes of global tensors named as in the whole model. A fused parameter ([q; k;
 v], SwiGLU's [gate; up]) has each part split over tp separately, so it is saved as its parts `<name>#0`,
 `<name>#1`, ...: then every piece a rank holds is one box. Padding rows (the vocabulary's, which grow with tp)
-are not saved. All of this is read off each parameter's `ParamInfo`.
+are not saved. MoE experts, stacked along `ParamInfo.ep_dim` and split over ep, are boxes of the tensor of all
+experts, so a checkpoint reshards across ep as across tp. All of this is read off each parameter's `ParamInfo`.
 """
 from __future__ import annotations
 
@@ -49,11 +50,15 @@ def _box(key: str, local_shape: tuple, dim: int, global_len: int, offset: int, s
 
 
 def param_pieces(name: str, local_shape, *, tp_dim: int | None = None, segments=None, tp_rank: int = 0,
-                 tp_size: int = 1, unpadded: int | None = None) -> list[Piece]:
+                 tp_size: int = 1, unpadded: int | None = None, ep_dim: int | None = None, ep_rank: int = 0,
+                 ep_size: int = 1) -> list[Piece]:
     """The boxes of global tensors that a rank's (tp-local) parameter holds. `tp_dim` None: replicated.
     `segments`: the fused parts' full sizes, each split over tp. `unpadded`: entries past it along tp_dim are
-    padding."""
+    padding. `ep_dim`: the experts' dim, split over ep (experts are not split over tp)."""
     shape = tuple(local_shape)
+    if ep_dim is not None:
+        n = shape[ep_dim]
+        return [_box(name, shape, ep_dim, n * ep_size, ep_rank * n, 0, n)]
     if tp_dim is None:
         return [_box(name, shape, 0, shape[0], 0, 0, shape[0])]
     d = tp_dim
@@ -80,9 +85,10 @@ class Held:
     pieces: list
     replicated: bool  # the same on every tp rank
     tied_copy: bool  # the last stage's copy of tied embeddings: saved once, by the first stage
+    expert: bool = False  # MoE experts: held by the expert-data-parallel replicas only
 
 
-def held_params(named_params, tp_rank: int, tp_size: int) -> list[Held]:
+def held_params(named_params, tp_rank: int, tp_size: int, ep_rank: int = 0, ep_size: int = 1) -> list[Held]:
     """`named_params`: (global name, parameter) pairs of everything this rank holds."""
     out, seen = [], set()
     for name, p in named_params:
@@ -91,8 +97,9 @@ def held_params(named_params, tp_rank: int, tp_size: int) -> list[Held]:
         seen.add(id(p))
         info, shape = param_info(p), full_shape(p)
         pieces = param_pieces(name, shape, tp_dim=info.tp_dim, segments=info.tp_segments, tp_rank=tp_rank,
-                              tp_size=tp_size, unpadded=info.tp_unpadded)
-        out.append(Held(name, p, shape, pieces, not info.tensor_parallel, info.is_tied_copy))
+                              tp_size=tp_size, unpadded=info.tp_unpadded, ep_dim=info.ep_dim, ep_rank=ep_rank,
+                              ep_size=ep_size)
+        out.append(Held(name, p, shape, pieces, not info.tensor_parallel, info.is_tied_copy, info.expert_parallel))
     return out
 
 

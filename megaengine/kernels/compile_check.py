@@ -31,10 +31,14 @@ import torch
 SHARED_LIMIT = {80: 166912, 90: 232448}
 ARCHS = (80, 90)
 FP32_POINTERS = {"LSE", "DELTA", "MEAN", "RSTD", "PARTIALS", "DQ_ACC"}
+INT32_POINTERS = {"OFFS"}
+# Upper-case arguments that are sizes, not pointers (attention's Q and K are pointers; the grouped GEMM's are sizes).
+INT_ARGS = {"_grouped_mm": {"M", "N", "K", "G"}, "_grouped_mm_wgrad": {"P", "Q"}}
+DEFAULT_INT_ARGS = {"M", "N"}
 FLOAT_ARGS = {"eps", "scale", "scale_log2"}
 # Attention kernels whose fp16/bf16 dots must run on tensor cores: wgmma on Hopper for head dims up to 128
 # (the training sizes; 256's dk/dv tiles are too narrow for it), mma.sync at least everywhere.
-TENSOR_CORE_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+TENSOR_CORE_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_grouped_mm", "_grouped_mm_wgrad"}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -58,14 +62,14 @@ def _cuobjdump(triton):
 
 
 def _kernel(name):
-    from megaengine.kernels import attention, layernorm, rmsnorm
-    for module in (attention, layernorm, rmsnorm):
+    from megaengine.kernels import attention, grouped_gemm, layernorm, rmsnorm
+    for module in (attention, grouped_gemm, layernorm, rmsnorm):
         if hasattr(module, name):
             return getattr(module, name)
     raise KeyError(name)
 
 
-def _signature(kernel, dtype, constexprs):
+def _signature(kernel, dtype, constexprs, name=""):
     """(signature, constexprs, attrs) for triton.compile, as a launch on contiguous tensors would make them.
     The pseudo-constexpr N_ALIGNED says whether the row width N is a multiple of 16, which a launch specialises
     on (it lets the norms load 16 bytes at a time)."""
@@ -80,8 +84,8 @@ def _signature(kernel, dtype, constexprs):
             signature[arg], constexprs[arg] = "constexpr", 1
         elif arg.startswith("stride_"):
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-        elif arg.isupper() and arg not in ("M", "N"):
-            signature[arg] = "*fp32" if arg in FP32_POINTERS else f"*{dtype}"
+        elif arg.isupper() and arg not in INT_ARGS.get(name, DEFAULT_INT_ARGS):
+            signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "fp32" if arg in FLOAT_ARGS else "i32"
@@ -96,7 +100,7 @@ def compile_job(job) -> dict:
     from triton.compiler import ASTSource
     name, arch, dtype, constexprs, num_warps, num_stages = job
     kernel = _kernel(name)
-    signature, constexprs, attrs = _signature(kernel, dtype, dict(constexprs))
+    signature, constexprs, attrs = _signature(kernel, dtype, dict(constexprs), name)
     target = GPUTarget("cuda", arch, 32)
     options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
     try:
@@ -135,7 +139,7 @@ def problem(job, result) -> str | None:
     if constexprs.get("N_ALIGNED") and constexprs["BLOCK_N"] >= 8 * 32 * job[4] and not result.get("vector_loads"):
         found.append("aligned rows are not loaded as vectors (16 bytes at a time)")
     if name in TENSOR_CORE_KERNELS and dtype != "fp32":
-        if arch >= 90 and constexprs["HEAD_DIM"] <= 128 and not result["wgmma"]:
+        if arch >= 90 and constexprs.get("HEAD_DIM", 0) <= 128 and not result["wgmma"]:
             found.append("no wgmma on Hopper (mma.sync only, about half its tensor-core rate)")
         if not (result["wgmma"] or result["mma"]):
             found.append("no tensor-core instruction at all")
@@ -187,14 +191,35 @@ def _norm_jobs():
     return jobs
 
 
+def _grouped_gemm_jobs():
+    """Both launches of the forward kernel (y = x W^T reads W transposed, the input gradient reads it as stored:
+    a different unit stride each) and the weight-gradient kernel, contiguous tensors, up to 64 local experts."""
+    from megaengine.kernels import grouped_gemm as gg
+    unit_strides = {"_grouped_mm": [("stride_xk", "stride_wk", "stride_yn"), ("stride_xk", "stride_wn", "stride_yn")],
+                    "_grouped_mm_wgrad": [("stride_ap", "stride_bq", "stride_cq")]}
+    jobs = {}
+    for name, table in (("_grouped_mm", gg.MM_CONFIGS), ("_grouped_mm_wgrad", gg.WGRAD_CONFIGS)):
+        for arch in ARCHS:
+            for dtype in ("bf16", "fp32"):
+                for c in table[TORCH_DTYPE[dtype].itemsize]:
+                    for strides in unit_strides[name]:
+                        constexprs = dict(c.kwargs, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                          **({"BLOCK_G": 64} if name == "_grouped_mm" else {}),
+                                          **{s: 1 for s in strides})
+                        jobs.setdefault(f"{name}-sm{arch}", []).append(
+                            (name, arch, dtype, tuple(constexprs.items()), c.num_warps, c.num_stages))
+    return jobs
+
+
 def jobs() -> dict:
     """Every config the autotuners may try, by family ("<kernel>-sm<arch>")."""
-    return {**_attention_jobs(), **_norm_jobs()}
+    return {**_attention_jobs(), **_norm_jobs(), **_grouped_gemm_jobs()}
 
 
 def describe(job) -> str:
     name, arch, dtype, constexprs, num_warps, num_stages = job
-    shown = ", ".join(f"{k}={v}" for k, v in constexprs if k not in ("CAUSAL", "UPCAST", "PRECISION"))
+    shown = ", ".join(f"{k}={v}" for k, v in constexprs if k not in ("CAUSAL", "UPCAST", "PRECISION")
+                      and not k.startswith("stride_"))
     return f"{name} sm_{arch} {dtype} {shown} warps={num_warps} stages={num_stages}"
 
 

@@ -5,7 +5,7 @@ stage and the final norm and output layer when it is the last, so a pipeline sta
 `layers=(start, end)`. Activations are (seq, batch, hidden) between layers, sequence-sharded over tp when
 sequence parallel. With a context-parallel group a rank holds its share of every sequence (context_parallel.
 layout): positions follow that share and attention runs over the whole sequence across the group. Every
-weight comes from generators seeded by its name and row block (megaengine.models.init), and each rank draws
+weight comes from generators seeded by its name and row block (tensor_parallel/init.py), and each rank draws
 only its shard: the same model comes out at any tp, pp or cp.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from megaengine.context_parallel import (ContextParallel, check_context_parallel
                                          position_ids)
 from megaengine.fp8.config import FP8Config
 from megaengine.models import recompute
-from megaengine.models.init import seeded_init
 from megaengine.models.recompute import RecomputeConfig
+from megaengine.moe.config import MoEConfig, check_moe, moe_layer_pattern, moe_mlp_parameters
 from megaengine.parallel import ConfigError, comm
 from megaengine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         pad_vocab_size, replicated_param, tp_rng, vocab_parallel_cross_entropy)
-from megaengine.parallel.params import mark_tensor_parallel, set_param_info
-from megaengine.tensor_parallel.layers import resolve_group
+from megaengine.parallel.params import mark_tensor_parallel, param_info, set_param_info
+from megaengine.tensor_parallel.layers import resolve_group, seeded_init
 from megaengine.tensor_parallel.sequence_linear import gathered_linear
 
 
@@ -60,6 +60,7 @@ class GPTConfig:
     normalization_backend: str = "auto"  # auto (timed choice on CUDA, torch on CPU), torch, triton, cuda
     init_seed: int = 1234
     fp8: FP8Config | None = None  # FP8 matmuls in the transformer layers' linears (megaengine.fp8); None: off
+    moe: MoEConfig | None = None  # Mixture of Experts MLPs (megaengine.moe); None: a dense model
     recompute: RecomputeConfig = RecomputeConfig()  # activation recomputation (models/recompute.py); default off
     extra: dict = field(default_factory=dict)  # preset keys kept for the record (name, notes)
 
@@ -78,8 +79,10 @@ class GPTConfig:
     def from_dict(cls, d: dict) -> "GPTConfig":
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        if isinstance(d.get("fp8"), dict):  # to_dict (asdict) writes the nested config as a dict
+        if isinstance(d.get("fp8"), dict):  # to_dict (asdict) writes the nested configs as dicts
             d["fp8"] = FP8Config(**d["fp8"])
+        if isinstance(d.get("moe"), dict):
+            d["moe"] = MoEConfig.from_dict(d["moe"])
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -113,6 +116,9 @@ class GPTConfig:
         for ok, flag, value, fix in checks:
             if not ok:
                 raise ConfigError(f"{flag}={value} {fix}.")
+        if self.moe is not None:  # the layout's part (ep against dp) is checked where the layout is known
+            check_moe(self.moe, num_layers=self.num_layers, tp=tp, sequence_parallel=self.sequence_parallel,
+                      add_bias_linear=self.add_bias_linear)
         for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", h), ("--seq-length", self.seq_length),
                             ("--num-attention-heads", heads)):
             if value < 1:
@@ -120,6 +126,9 @@ class GPTConfig:
 
     def padded_vocab_size(self, tp: int) -> int:
         return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        return self.moe is not None and moe_layer_pattern(self.num_layers, self.moe.moe_layer_freq)[layer_number]
 
 
 class Norm(nn.Module):
@@ -261,14 +270,20 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: GPTConfig, layer_number: int, group):
+    """`ep_group`: the expert-parallel group of an MoE layer's experts (None: this rank holds them all)."""
+
+    def __init__(self, config: GPTConfig, layer_number: int, group, ep_group=None):
         super().__init__()
         name = f"layers.{layer_number}"
         self.config = config
         self.input_norm = Norm(config, config.hidden_size, group)
         self.attention = Attention(config, f"{name}.attention", group)
         self.post_attention_norm = Norm(config, config.hidden_size, group)
-        self.mlp = MLP(config, f"{name}.mlp", group)
+        if config.is_moe_layer(layer_number):
+            from megaengine.moe.layer import MoEMLP  # here, not at the top: its grouped GEMM imports Triton
+            self.mlp = MoEMLP(config, config.moe, f"{name}.mlp", group, ep_group)
+        else:
+            self.mlp = MLP(config, f"{name}.mlp", group)
 
     def forward(self, x, rope=None, cp=None):
         x = x + self._dropout(self.attention(self.input_norm(x), rope, cp))
@@ -296,10 +311,11 @@ class GPT(nn.Module):
     """
 
     def __init__(self, config: GPTConfig, tp_group=None, *, cp_group=None, cp_comm_type: str = "p2p",
-                 layers: tuple[int, int] | None = None, pre_process: bool = True, post_process: bool = True):
+                 layers: tuple[int, int] | None = None, pre_process: bool = True, post_process: bool = True,
+                 ep_group=None):
         super().__init__()
         group = resolve_group(tp_group)
-        self.config, self.tp_group = config, group
+        self.config, self.tp_group, self.ep_group = config, group, ep_group
         self.tp_size = dist.get_world_size(group)
         config.validate(self.tp_size)
         cp = 1 if cp_group is None else dist.get_world_size(cp_group)
@@ -308,6 +324,9 @@ class GPT(nn.Module):
                                num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
                                attention_dropout=config.attention_dropout, attention_backend=config.attention_backend)
         self.cp = ContextParallel(cp_group, cp_comm_type) if cp > 1 else None
+        if cp > 1 and config.moe is not None:
+            raise ConfigError("MoE layers (--num-experts) do not support context parallelism yet; build the model "
+                              "without a cp group.")
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layers or (0, config.num_layers)
         self.layer_range = (start, end)
@@ -328,7 +347,7 @@ class GPT(nn.Module):
                 positions = nn.Embedding(config.max_position_embeddings, h)
                 seeded_init(seed, "position_embeddings", std)(positions.weight.data)
                 self.position_embeddings = positions  # attached once initialised (zero_init shards it here)
-        self.layers = nn.ModuleList(TransformerLayer(config, i, group) for i in range(start, end))
+        self.layers = nn.ModuleList(TransformerLayer(config, i, group, ep_group) for i in range(start, end))
         if post_process:
             self.final_norm = Norm(config, h, group)
             if config.untie_embeddings_and_output_weights:
@@ -340,7 +359,8 @@ class GPT(nn.Module):
                 # equal by summing both copies' gradients over the embedding group.
                 per_rank, r = self.vocab_size // self.tp_size, dist.get_rank(group)
                 init = seeded_init(seed, "word_embeddings", std, config.vocab_size)
-                self.output_weight = nn.Parameter(init.piece((self.vocab_size, h), [(r * per_rank, (r + 1) * per_rank)]))
+                rows = [(r * per_rank, (r + 1) * per_rank)]
+                self.output_weight = nn.Parameter(init.piece((self.vocab_size, h), rows))
                 mark_tensor_parallel(self.output_weight, 0, unpadded=config.vocab_size)
                 set_param_info(self.output_weight, tied="copy")
 
@@ -367,6 +387,10 @@ class GPT(nn.Module):
                 w = w[: self.config.vocab_size]
                 w = torch.cat([w, w.new_zeros(self.vocab_size - w.shape[0], w.shape[1])])
             w = take_shard(w, p, rank, self.tp_size)
+            ep_dim = param_info(p).ep_dim
+            if ep_dim is not None:  # all experts stacked: this rank's block of them
+                n = p.shape[ep_dim]
+                w = w.narrow(ep_dim, (0 if self.ep_group is None else dist.get_rank(self.ep_group)) * n, n)
             if w.shape != p.shape:
                 raise ConfigError(f"weights for {key!r} have shape {tuple(w.shape)} on this rank; the model expects "
                                   f"{tuple(p.shape)}.")
@@ -495,17 +519,25 @@ def generate(last_logits, ids: torch.Tensor, new_tokens: int, *, seq_length: int
 
 
 def count_parameters(config: GPTConfig, tp: int = 1) -> dict:
-    """Parameter counts of the whole model: `total`, and `matmul` (weights used in matrix multiplies,
-    the output projection included), which the model-FLOPs formula counts."""
+    """Parameter counts of the whole model: `total` (all of them: what memory holds), `matmul` (the weights
+    a token's forward multiplies by, the output projection included: what the model-FLOPs formula counts) and
+    `active` (total less the experts a token does not visit). With MoE layers, `matmul` and `active` count the
+    router and the top-k experts, `total` all experts."""
     h, L, V = config.hidden_size, config.num_layers, config.padded_vocab_size(tp)
     d, heads, groups, ffn = config.kv_channels, config.num_attention_heads, config.num_query_groups, config.ffn_hidden_size
     attn = h * (heads + 2 * groups) * d + heads * d * h
     mlp = h * ffn * (3 if config.swiglu else 2)
-    matmul = L * (attn + mlp) + V * h
+    moe_layers = sum(config.is_moe_layer(i) for i in range(L))
+    experts = {"total": mlp, "active": mlp}
+    if moe_layers:
+        experts = moe_mlp_parameters(h, ffn, config.moe, config.swiglu)
+    mlps = {kind: (L - moe_layers) * mlp + moe_layers * n for kind, n in experts.items()}
     bias = 0
     if config.add_bias_linear:
         bias = L * ((heads + 2 * groups) * d + h + (2 * ffn if config.swiglu else ffn) + h)
     norms = (2 * L + 1) * h * (2 if config.normalization == "LayerNorm" else 1)
     embed = V * h + (config.max_position_embeddings * h if config.position_embedding_type == "learned_absolute" else 0)
     untied = V * h if config.untie_embeddings_and_output_weights else 0
-    return {"total": L * (attn + mlp) + bias + norms + embed + untied, "matmul": matmul}
+    total = L * attn + mlps["total"] + bias + norms + embed + untied
+    return {"total": total, "matmul": L * attn + mlps["active"] + V * h,
+            "active": total - mlps["total"] + mlps["active"]}

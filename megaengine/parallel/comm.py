@@ -3,8 +3,9 @@
 Every collective the engine issues goes through the counted wrappers here, so tests can compare the bytes a
 rank moves with the theory (ZeRO paper, Megatron papers). `comm_stats.volume` uses the ring model: an
 all-reduce of S bytes moves 2 S (n-1)/n, an all-gather or reduce-scatter of S bytes (the full tensor) moves
-S (n-1)/n, an all-to-all of S bytes (this rank's input) moves S (n-1)/n (its own piece stays), and a
-point-to-point send of S bytes moves S ("send", one call per message).
+S (n-1)/n, an all-to-all of S bytes (this rank's input) moves exactly what leaves the rank (S less the split it
+keeps for itself: S (n-1)/n with equal splits), and a point-to-point send of S bytes moves S ("send", one call
+per message).
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ class CommStats:
         self.bytes: dict[str, int] = defaultdict(int)  # size of the full tensor each call works on
         self.volume: dict[str, float] = defaultdict(float)  # ring-model bytes this rank sends
 
-    def record(self, op: str, nbytes: int, n: int) -> None:
+    def record(self, op: str, nbytes: int, n: int, volume: float | None = None) -> None:
+        """`volume`: the bytes this rank sends, when the ring model does not give them (uneven all-to-all)."""
         # A point-to-point send moves all its bytes; a collective over n ranks moves the ring-model share
         # (all-reduces, sums or FP8's MAX, twice: reduce-scatter then all-gather).
         factor = 1.0 if op == "send" else (2.0 if op.startswith("all_reduce") else 1.0) * (n - 1) / n
         self.calls[op] += 1
         self.bytes[op] += nbytes
-        self.volume[op] += factor * nbytes
+        self.volume[op] += factor * nbytes if volume is None else volume
 
     def total_volume(self) -> float:
         return sum(self.volume.values())
@@ -88,22 +90,26 @@ def reduce_scatter_tensor(out: torch.Tensor, full: torch.Tensor, group=None, op=
     return _reduce_scatter_single(out, full.contiguous(), op=op, group=group, async_op=async_op)
 
 
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False, *,
+                      out_splits=None, in_splits=None):
+    """Rows of `inp` go to the ranks of `group` in `in_splits` pieces (equal pieces when None: piece j to rank
+    j); `out` receives `out_splits` rows from each rank, in rank order."""
+    n = _size(group)
+    if n == 1:
+        out.copy_(inp.reshape(out.shape))
+        return None
+    rows = inp.shape[0]
+    kept = in_splits[dist.get_rank(group)] if in_splits is not None else rows // n
+    comm_stats.record("all_to_all", _nbytes(inp), n, volume=(rows - kept) * _nbytes(inp[:1]))
+    return dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
+
+
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     n = _size(group)
     if n == 1:
         return None
     comm_stats.record("broadcast", _nbytes(t), n)
     return dist.broadcast(t, src=src, group=group, async_op=async_op)
-
-
-def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group=None, async_op: bool = False):
-    """Equal pieces along dim 0: piece j of `inp` goes to rank j, piece j of `out` comes from rank j."""
-    n = _size(group)
-    if n == 1:
-        out.copy_(inp.reshape(out.shape))
-        return None
-    comm_stats.record("all_to_all", _nbytes(inp), n)
-    return dist.all_to_all_single(out, inp.contiguous(), group=group, async_op=async_op)
 
 
 def batch_isend_irecv(ops: list) -> list:
@@ -188,6 +194,26 @@ _AllGatherSequence = _conjugate_pair("AllGatherSequence", _gather, _reduce_scatt
 _ReduceScatterSequence = _conjugate_pair("ReduceScatterSequence", _reduce_scatter, _gather)
 # With equal pieces an all-to-all is its own conjugate: the gradient of piece j goes back to rank j.
 _AllToAll = _conjugate_pair("AllToAll", _all_to_all, _all_to_all)
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """all_to_all_single as an autograd op: the gradient goes back along the same rows, splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        all_to_all_single(out, x, group, out_splits=out_splits, in_splits=in_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_to_all_rows(g, *ctx.splits, ctx.group), None, None, None
+
+
+def all_to_all_rows(x, out_splits: list[int], in_splits: list[int], group):
+    """Send in_splits[r] rows of x to rank r, receive out_splits[r] rows from rank r (rank order); autograd-aware."""
+    return x if _size(group) == 1 else _AllToAllRows.apply(x, list(out_splits), list(in_splits), group)
 
 
 def copy_to_tp_region(x, group):

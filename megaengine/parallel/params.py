@@ -29,10 +29,18 @@ class ParamInfo:
     # The ZeRO-3 unit (a zero.buffers.Bucket holding this rank's shard) when the model was built sharded
     # (megaengine.zero_init); the optimizer adopts it instead of packing the parameter itself.
     zero_unit: object | None = field(default=None, compare=False, repr=False)
+    # MoE experts: the dim (stacked experts) split over the expert-parallel group, ep rank r holding the r-th
+    # block. Such a parameter is a replica only among the ranks holding the same experts (expert_dp), so its
+    # gradient is reduced and its ZeRO state sharded over expert_dp instead of dp (still averaged over dp).
+    ep_dim: int | None = None
 
     @property
     def tensor_parallel(self) -> bool:
         return self.tp_dim is not None
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.ep_dim is not None
 
     @property
     def is_tied_copy(self) -> bool:

@@ -124,7 +124,12 @@ def parse(argv=None):
 def from_config(cfg):
     """(GPTConfig, Layout) from the run's resolved Config."""
     p, t, z = cfg.parallel, cfg.train, cfg.optim.zero
-    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, cp_comm_type=p.cp_comm_type, virtual=p.virtual_stages, schedule=p.schedule, zero_stage=z.stage,
+    if getattr(cfg.model, "moe", None) is not None:  # said, rather than planned as a dense model
+        raise ConfigError(f"--num-experts {cfg.model.moe.num_experts}: the planner does not model Mixture-of-Experts "
+                          "layers yet (expert parameters sharded over expert-data-parallel ranks, dispatch buffers); "
+                          "plan the dense model, or measure with memory_report().")
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, cp_comm_type=p.cp_comm_type, virtual=p.virtual_stages,
+                    schedule=p.schedule, zero_stage=z.stage,
                     bucket_size=z.reduce_bucket_size, persistence_threshold=z.stage3_param_persistence_threshold,
                     prefetch_size=z.stage3_prefetch_bucket_size, max_live=z.stage3_max_live_parameters,
                     offload_optimizer=z.offload_optimizer == "cpu", micro_batch=t.micro_batch_size,

@@ -2,8 +2,8 @@
 
 Each layer takes its tp group (None: the initialised one). A shard is exactly the piece of the weight that the
 same seed creates at tp=1, so every layout is comparable with the single-process model: an init method with
-a `piece(shape, rows, cols)` (megaengine.models.init) draws only that piece; any other is run on the whole
-weight, which is then sliced. Each shard's split is recorded in its `ParamInfo`
+a `piece(shape, rows, cols)` (`seeded_init`, tensor_parallel/init.py) draws only that piece; any other is run
+on the whole weight, which is then sliced. Each shard's split is recorded in its `ParamInfo`
 (megaengine.parallel.params), which gradient clipping, ZeRO and checkpoints read.
 
 `fp8=FP8Config(...)` makes the column and row layers run their matmuls in FP8 (megaengine.fp8); the layer then
@@ -25,6 +25,7 @@ from torch import nn
 
 from megaengine.parallel import comm
 from megaengine.parallel.params import mark_tensor_parallel, param_info
+from megaengine.tensor_parallel.init import seeded_init  # noqa: F401 (the layers' seeded init, used by models)
 from megaengine.tensor_parallel.sequence_linear import gathered_linear
 
 InitMethod = Callable[[torch.Tensor], None]

@@ -47,10 +47,11 @@ def human(n: float) -> str:
 def describe(meta: dict, path: str) -> list[str]:
     lay, opt = meta.get("layout", {}), meta.get("optimizer", {})
     scaler = (opt.get("loss_scaler") or {}).get("scale")
+    experts = f" (ep {lay['ep']})" if lay.get("ep", 1) > 1 else ""
     lines = [f"checkpoint {path}",
              f"iteration {meta.get('iteration')} | consumed samples {meta.get('consumed_samples')} | optimizer step "
              f"{opt.get('step')} | loss scale {scaler if scaler is not None else '-'}",
-             f"saved at tp {lay.get('tp')} pp {lay.get('pp')} dp {lay.get('dp')} virtual stages "
+             f"saved at tp {lay.get('tp')} pp {lay.get('pp')} dp {lay.get('dp')}{experts} virtual stages "
              f"{lay.get('virtual_stages')} ZeRO stage {lay.get('zero_stage')} | parameters "
              f"{', '.join(meta.get('params_dtype', []))}",
              "model: " + " ".join(f"{k}={v}" for k, v in meta.get("model", {}).items() if k != "extra")]

@@ -1,10 +1,14 @@
-"""Hugging Face interop: megaengine GPT weights <-> transformers' GPT2LMHeadModel and LlamaForCausalLM.
+"""Hugging Face interop: megaengine GPT weights <-> transformers' GPT2LMHeadModel, LlamaForCausalLM and
+MixtralForCausalLM.
 
-`to_hf` / `from_hf` map a full single-process state dict (tp=1, pp=1) both ways with one table of names per
-family, so each direction is the other's inverse. GPT-2 presets (learned positions, LayerNorm, GELU, biases)
+`to_hf` / `from_hf` map a full single-process state dict (tp=1, pp=1, ep=1) both ways with one table of names
+per family, so each direction is the other's inverse. GPT-2 presets (learned positions, LayerNorm, GELU, biases)
 become GPT-2, whose Conv1D weights are stored (in, out); RoPE + RMSNorm + SwiGLU models become LLaMA, whose
-q/k/v and gate/up projections are the row blocks of megaengine's fused qkv and fc1. Both use the rotate-half
-RoPE convention, so no q/k permutation is needed. The vocabulary is stored unpadded on the HF side.
+q/k/v and gate/up projections are the row blocks of megaengine's fused qkv and fc1; the same with an MoE MLP in
+every layer becomes Mixtral, written as the Hub's checkpoints are (`block_sparse_moe.gate`, per-expert w1 = gate,
+w3 = up, w2 = down: the rows of megaengine's stacked experts), which transformers 4 and 5 both load; transformers
+5's own stacked names (`mlp.gate`, `mlp.experts.gate_up_proj`, `down_proj`) are read too. All use the
+rotate-half RoPE convention, so no q/k permutation is needed. The vocabulary is stored unpadded on the HF side.
 
 The HF config decides the architecture; everything about training (dropout, sequence length, padding
 multiple, backends, seeds) comes from a `base` GPTConfig, so `from_hf(*to_hf(c, s), base=c) == (c, s)`.
@@ -20,13 +24,14 @@ import torch
 from torch import nn
 
 from megaengine.models.gpt import GPT, GPTConfig
+from megaengine.moe.config import MoEConfig, moe_layer_pattern
 from megaengine.parallel import ConfigError
 
 # GPTConfig fields the HF config determines; the rest come from `base` in from_hf.
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size",
                      "ffn_hidden_size", "kv_channels", "num_query_groups", "position_embedding_type", "rotary_base",
                      "normalization", "norm_epsilon", "swiglu", "add_bias_linear",
-                     "untie_embeddings_and_output_weights", "gelu_approximate")
+                     "untie_embeddings_and_output_weights", "gelu_approximate", "moe")
 VOCAB_ROWS = ("word_embeddings.weight", "output_layer.weight")  # padded in megaengine, unpadded in HF
 # Buffers some HF checkpoints carry that hold no weights: causal masks and RoPE frequencies.
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -57,8 +62,22 @@ def llama_blockers(c: GPTConfig) -> list[str]:
     ) if not ok]
 
 
+def mixtral_blockers(c: GPTConfig) -> list[str]:
+    return llama_blockers(c) + [msg for ok, msg in (
+        (all(moe_layer_pattern(c.num_layers, c.moe.moe_layer_freq)),
+         f"--moe-layer-freq {c.moe.moe_layer_freq} (Mixtral has experts in every layer)"),
+        (not c.add_bias_linear, "biases"),
+    ) if not ok]
+
+
 def hf_family(config: GPTConfig) -> str:
-    """'gpt2' or 'llama', or ConfigError naming what keeps the config from being either."""
+    """'gpt2', 'llama' or 'mixtral', or ConfigError naming what keeps the config from being any."""
+    if config.moe is not None:
+        blockers = mixtral_blockers(config)
+        if blockers:
+            raise ConfigError("this MoE model cannot be exported to Hugging Face: it is not Mixtral (rope, RMSNorm, "
+                              f"SwiGLU experts in every layer, no biases; blocked by {', '.join(blockers)}).")
+        return "mixtral"
     gpt2, llama = gpt2_blockers(config), llama_blockers(config)
     if not gpt2:
         return "gpt2"
@@ -84,8 +103,9 @@ def layer_rules(family: str, c: GPTConfig) -> list[tuple[str, tuple[str, ...], b
         attn = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")
         rules = [("input_norm.", ("input_layernorm.",), False), ("attention.qkv.", attn, False),
                  ("attention.proj.", ("self_attn.o_proj.",), False),
-                 ("post_attention_norm.", ("post_attention_layernorm.",), False),
-                 ("mlp.fc1.", ("mlp.gate_proj.", "mlp.up_proj."), False), ("mlp.fc2.", ("mlp.down_proj.",), False)]
+                 ("post_attention_norm.", ("post_attention_layernorm.",), False)]
+        if family == "llama":
+            rules += [("mlp.fc1.", ("mlp.gate_proj.", "mlp.up_proj."), False), ("mlp.fc2.", ("mlp.down_proj.",), False)]
         params = ("weight", "bias") if c.add_bias_linear else ("weight",)
     out = []
     for me, hf, transpose in rules:
@@ -94,6 +114,12 @@ def layer_rules(family: str, c: GPTConfig) -> list[tuple[str, tuple[str, ...], b
         else:
             names = params
         out += [(me + p, tuple(h + p for h in hf), transpose and p == "weight") for p in names]
+    if family == "mixtral":  # experts stacked in megaengine, one tensor per expert and projection on the Hub
+        experts = range(c.moe.num_experts)
+        out += [("mlp.router.weight", ("block_sparse_moe.gate.weight",), False),
+                ("mlp.experts.fc1", tuple(f"block_sparse_moe.experts.{e}.w{j}.weight" for e in experts for j in (1, 3)),
+                 False),
+                ("mlp.experts.fc2", tuple(f"block_sparse_moe.experts.{e}.w2.weight" for e in experts), False)]
     return out
 
 
@@ -118,9 +144,14 @@ def rules(family: str, c: GPTConfig) -> list[tuple[str, tuple[str, ...], bool]]:
 
 
 def split_sizes(name: str, c: GPTConfig) -> list[int]:
+    """The row blocks of a megaengine tensor that several HF tensors make (experts: rows of all experts)."""
     d = c.kv_channels
     if name.endswith("attention.qkv.weight") or name.endswith("attention.qkv.bias"):
         return [c.num_attention_heads * d, c.num_query_groups * d, c.num_query_groups * d]
+    if name.endswith("mlp.experts.fc1"):
+        return [c.moe.ffn_size(c.ffn_hidden_size)] * 2 * c.moe.num_experts
+    if name.endswith("mlp.experts.fc2"):
+        return [c.hidden_size] * c.moe.num_experts
     return [c.ffn_hidden_size, c.ffn_hidden_size]  # mlp.fc1: [gate; up]
 
 
@@ -135,6 +166,10 @@ def expected_shapes(c: GPTConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]
     shapes = {"word_embeddings.weight": (vocab_rows, h), "output_layer.weight": (vocab_rows, h),
               "position_embeddings.weight": (c.max_position_embeddings, h),
               "final_norm.weight": (h,), "final_norm.bias": (h,)}
+    if c.moe is not None:
+        e, f = c.moe.num_experts, c.moe.ffn_size(ffn)
+        per_layer.update({"mlp.router.weight": (e, h), "mlp.experts.fc1": (e, (2 if c.swiglu else 1) * f, h),
+                          "mlp.experts.fc2": (e, h, f)})
     shapes.update({f"layers.{i}.{k}": v for i in range(c.num_layers) for k, v in per_layer.items()})
     return shapes
 
@@ -168,14 +203,22 @@ def make_hf_config(c: GPTConfig, family: str, dtype: torch.dtype) -> dict:
                 "layer_norm_epsilon": c.norm_epsilon, "resid_pdrop": c.hidden_dropout, "embd_pdrop": c.hidden_dropout,
                 "attn_pdrop": c.attention_dropout, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-            "hidden_size": c.hidden_size, "intermediate_size": c.ffn_hidden_size, "num_hidden_layers": c.num_layers,
+    rope = {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
             "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_query_groups,
             "head_dim": c.kv_channels, "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings,
-            "rms_norm_eps": c.norm_epsilon, "attention_bias": c.add_bias_linear, "mlp_bias": c.add_bias_linear,
-            "attention_dropout": c.attention_dropout, "pretraining_tp": 1,
+            "rms_norm_eps": c.norm_epsilon, "attention_dropout": c.attention_dropout,
             # transformers 5 reads rope_parameters, 4 reads rope_theta: write both.
             "rope_theta": c.rotary_base, "rope_parameters": {"rope_type": "default", "rope_theta": c.rotary_base}}
+    if family == "mixtral":
+        m = c.moe
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common, **rope,
+                "intermediate_size": m.ffn_size(c.ffn_hidden_size), "num_local_experts": m.num_experts,
+                "num_experts_per_tok": m.moe_router_topk, "sliding_window": None, "output_router_logits": False,
+                # transformers' load-balancing loss is k times ours (it divides by the tokens, not by k x tokens)
+                "router_aux_loss_coef": m.moe_aux_loss_coeff / m.moe_router_topk, "router_jitter_noise": 0.0}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, **rope,
+            "intermediate_size": c.ffn_hidden_size, "attention_bias": c.add_bias_linear, "mlp_bias": c.add_bias_linear,
+            "pretraining_tp": 1}
 
 
 def _refuse(ok: bool, key: str, value, fix: str) -> None:
@@ -191,7 +234,7 @@ def gpt2_architecture(hf: dict) -> dict:
             "megaengine has no per-layer attention scaling")
     _refuse(not hf.get("add_cross_attention", False), "add_cross_attention", True, "decoder-only models only")
     h, heads = hf["n_embd"], hf["n_head"]
-    return {"num_layers": hf["n_layer"], "hidden_size": h, "num_attention_heads": heads,
+    return {"num_layers": hf["n_layer"], "hidden_size": h, "num_attention_heads": heads, "moe": None,
             "max_position_embeddings": hf.get("n_positions", 1024), "vocab_size": hf["vocab_size"],
             "ffn_hidden_size": hf.get("n_inner") or 4 * h, "kv_channels": h // heads, "num_query_groups": heads,
             "position_embedding_type": "learned_absolute", "normalization": "LayerNorm",
@@ -217,7 +260,24 @@ def llama_architecture(hf: dict) -> dict:
             "num_query_groups": hf.get("num_key_value_heads") or heads, "position_embedding_type": "rope",
             "rotary_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "normalization": "RMSNorm",
             "norm_epsilon": hf.get("rms_norm_eps", 1e-6), "swiglu": True, "add_bias_linear": attn_bias,
-            "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False)}
+            "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False), "moe": None}
+
+
+def mixtral_architecture(hf: dict, base: GPTConfig | None) -> dict:
+    """LLaMA's attention, norms and RoPE with experts in every layer. The expert sizes come from the HF config;
+    the MoE training settings (aux/z-loss coefficients, capacity, dispatcher) and the dense --ffn-hidden-size,
+    which no layer of such a model uses, from `base`, so that a round trip gives back the same config."""
+    _refuse(hf.get("sliding_window") is None, "sliding_window", hf.get("sliding_window"),
+            "megaengine attends over the whole causal context")
+    arch = llama_architecture(hf)
+    experts, topk, ffn = hf["num_local_experts"], hf["num_experts_per_tok"], hf["intermediate_size"]
+    moe = base.moe if base is not None and base.moe is not None else MoEConfig(num_experts=experts)
+    dense_ffn = base.ffn_hidden_size if base is not None else ffn
+    every_layer = moe.moe_layer_freq if all(moe_layer_pattern(arch["num_layers"], moe.moe_layer_freq)) else 1
+    arch["moe"] = replace(moe, num_experts=experts, moe_router_topk=topk, moe_layer_freq=every_layer,
+                          moe_ffn_hidden_size=moe.moe_ffn_hidden_size if moe.ffn_size(dense_ffn) == ffn else ffn)
+    arch["ffn_hidden_size"] = dense_ffn
+    return arch
 
 
 # ---- the two directions ----
@@ -231,7 +291,8 @@ def to_hf(config: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict
         t = state[me].detach().cpu()
         if me in VOCAB_ROWS:
             t = t[: config.vocab_size]
-        parts = t.split(split_sizes(me, config)) if len(hf_names) > 1 else [t]
+        rows = t.flatten(0, 1) if ".mlp.experts." in me else t  # experts: the rows of all of them
+        parts = rows.split(split_sizes(me, config)) if len(hf_names) > 1 else [t]
         for name, p in zip(hf_names, parts):
             # Fresh contiguous storage per tensor: safetensors refuses views that share memory.
             out[name] = (p.t() if transpose else p).clone(memory_format=torch.contiguous_format)
@@ -244,9 +305,11 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], base: GPTConfig 
     architecture comes from `hf_config`; training settings from `base` (GPTConfig defaults when None, with
     seq_length = the HF max positions)."""
     family = hf_config.get("model_type")
-    if family not in ("gpt2", "llama"):
-        raise ConfigError(f"Hugging Face model_type={family!r} is not supported; megaengine loads gpt2 and llama.")
-    arch = gpt2_architecture(hf_config) if family == "gpt2" else llama_architecture(hf_config)
+    if family not in ("gpt2", "llama", "mixtral"):
+        raise ConfigError(f"Hugging Face model_type={family!r} is not supported; megaengine loads gpt2, llama and "
+                          "mixtral.")
+    arch = (gpt2_architecture(hf_config) if family == "gpt2" else llama_architecture(hf_config) if family == "llama"
+            else mixtral_architecture(hf_config, base))
     if base is None:
         base = GPTConfig(seq_length=arch["max_position_embeddings"], max_position_embeddings=arch["max_position_embeddings"])
     config = replace(base, **arch)
@@ -260,6 +323,8 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], base: GPTConfig 
                               "is config.json from another checkpoint?")
         t = torch.cat([hf_state[n] for n in hf_names]) if len(hf_names) > 1 else hf_state[hf_names[0]]
         t = t.t() if transpose else t
+        if ".mlp.experts." in me:  # the rows of all experts, stacked again
+            t = t.view(config.moe.num_experts, -1, t.shape[-1])
         if me in VOCAB_ROWS:
             padded = t.new_zeros((config.padded_vocab_size(1),) + tuple(t.shape[1:]))
             padded[: t.shape[0]] = t
@@ -278,7 +343,10 @@ def normalise_hf_names(hf_state: dict, family: str, config: GPTConfig) -> dict:
             continue
         if not (name.startswith(prefix) or name.startswith("lm_head.")):
             name = prefix + name
-        out[name] = t
+        if family == "mixtral":
+            out.update(unstack_experts(name, t, config))
+        else:
+            out[name] = t
     if not config.untie_embeddings_and_output_weights:
         out.pop("lm_head.weight", None)  # some tied checkpoints store the shared tensor twice
     known = {n for _, hf_names, _ in rules(family, config) for n in hf_names}
@@ -286,6 +354,31 @@ def normalise_hf_names(hf_state: dict, family: str, config: GPTConfig) -> dict:
     if unexpected:
         raise ConfigError(f"Hugging Face state dict has weights this {family} config does not use: "
                           f"{unexpected[:4]}; is config.json from another checkpoint?")
+    return out
+
+
+def unstack_experts(name: str, t: torch.Tensor, config: GPTConfig) -> dict:
+    """transformers 5's stacked Mixtral experts as the Hub's per-expert tensors (other names pass through):
+    mlp.gate -> block_sparse_moe.gate; mlp.experts.gate_up_proj (E, 2 ffn, hidden) -> w1 (gate), w3 (up);
+    mlp.experts.down_proj (E, hidden, ffn) -> w2."""
+    layer, _, rest = name.rpartition(".mlp.")
+    if not layer:
+        return {name: t}
+    if rest == "gate.weight":
+        return {f"{layer}.block_sparse_moe.gate.weight": t}
+    moe, h = config.moe, config.hidden_size
+    f = moe.ffn_size(config.ffn_hidden_size)
+    shapes = {"experts.gate_up_proj": (moe.num_experts, 2 * f, h), "experts.down_proj": (moe.num_experts, h, f)}
+    if rest not in shapes:
+        return {name: t}
+    if tuple(t.shape) != shapes[rest]:
+        raise ConfigError(f"Hugging Face {name} is {tuple(t.shape)}, expected {shapes[rest]} for this Mixtral config.")
+    prefix, out = f"{layer}.block_sparse_moe.experts", {}
+    for e, w in enumerate(t):
+        if rest == "experts.down_proj":
+            out[f"{prefix}.{e}.w2.weight"] = w
+        else:
+            out[f"{prefix}.{e}.w1.weight"], out[f"{prefix}.{e}.w3.weight"] = w.chunk(2)
     return out
 
 
@@ -369,11 +462,13 @@ def _write_json(path: str, content: dict) -> str:
 
 
 def check_whole_model(model: GPT) -> None:
-    whole = (model.tp_size == 1 and model.pre_process and model.post_process
+    ep = 1 if model.ep_group is None else torch.distributed.get_world_size(model.ep_group)
+    whole = (model.tp_size == 1 and ep == 1 and model.pre_process and model.post_process
              and model.layer_range == (0, model.config.num_layers))
     if not whole:
-        raise ConfigError(f"export needs the whole model in one process (tp=1, pp=1); this one holds layers "
-                          f"{model.layer_range} at tp={model.tp_size}. Load it with megaengine.load_model(CKPT).")
+        raise ConfigError(f"export needs the whole model in one process (tp=1, pp=1, ep=1); this one holds layers "
+                          f"{model.layer_range} at tp={model.tp_size}, ep={ep}. Load it with "
+                          "megaengine.load_model(CKPT).")
 
 
 def _safetensors():

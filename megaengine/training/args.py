@@ -122,6 +122,44 @@ def _recompute_flags(g) -> None:
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
 
 
+def _moe_flags(g) -> None:
+    g.add_argument("--num-experts", type=_positive_int("--num-experts"),
+                   help="experts per MoE layer: replaces the dense MLP with a Mixture of Experts (default: dense)")
+    g.add_argument("--expert-model-parallel-size", "--ep", dest="expert_model_parallel_size",
+                   type=_positive_int("--expert-model-parallel-size"), default=1,
+                   help="ranks the experts are split over, carved out of the data-parallel ranks")
+    g.add_argument("--moe-router-topk", type=_positive_int("--moe-router-topk"), default=2,
+                   help="experts each token is routed to (softmax, top k, renormalised)")
+    g.add_argument("--moe-ffn-hidden-size", type=_positive_int("--moe-ffn-hidden-size"),
+                   help="hidden size of each expert's MLP (default: --ffn-hidden-size)")
+    g.add_argument("--moe-layer-freq", type=_layer_freq, default=1,
+                   help="every N-th layer is MoE (layer i when i %% N == 0), or a 0/1 list per layer, e.g. [0,1,0,1]")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                   help="weight of the load-balancing loss (Switch/GShard), 0: none")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0, help="weight of the router z-loss (ST-MoE), 0: none")
+    g.add_argument("--moe-expert-capacity-factor", type=float,
+                   help="tokens an expert takes, as a multiple of its even share; the rest are dropped (default: "
+                        "dropless)")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs",
+                   help="over capacity, keep an expert's highest-weight assignments or its first tokens")
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall",
+                   help="how tokens reach the experts on other expert-parallel ranks")
+
+
+def _layer_freq(v):
+    """An int, or a 0/1 list as Megatron writes it ("[1,0,1,0]"); a preset may give either as JSON."""
+    if isinstance(v, (int, list)):
+        return v
+    try:
+        parsed = json.loads(v)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq expects an integer or a list like [0,1,0,1], got {v!r}") \
+            from None
+    if not isinstance(parsed, (int, list)):
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq expects an integer or a list like [0,1,0,1], got {v!r}")
+    return parsed
+
+
 def _training_flags(g) -> None:
     g.add_argument("--micro-batch-size", type=_positive_int("--micro-batch-size"), help="samples per rank per forward")
     g.add_argument("--global-batch-size", type=_positive_int("--global-batch-size"), help="samples per optimizer step")
@@ -201,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _context_parallel_flags(p.add_argument_group("context parallelism"))
     _model_flags(p.add_argument_group("model"))
     _recompute_flags(p.add_argument_group("activation recomputation"))
+    _moe_flags(p.add_argument_group("mixture of experts"))
     _training_flags(p.add_argument_group("training"))
     _fp8_flags(p.add_argument_group("fp8"))
     _data_flags(p.add_argument_group("data"))

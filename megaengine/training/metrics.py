@@ -76,7 +76,8 @@ class ProgressLogger:
             print(f"iter {iteration:>6}/{self.total_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
                   f"{tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/dev | MFU {mfu_s} | "
                   f"mem {record['memory_gib']:.2f} GiB | {1000 * iter_seconds:.0f} ms/it | "
-                  f"ETA {_hms(record['eta_s'])}" + (f" | skipped {skipped}" if skipped else ""), flush=True)
+                  f"ETA {_hms(record['eta_s'])}" + (f" | skipped {skipped}" if skipped else "")
+                  + "".join(f" | {k.replace('_', ' ')} {v:.4g}" for k, v in (extra or {}).items()), flush=True)
             self._write(record, "train")
         return record
 

@@ -27,6 +27,7 @@ from megaengine.errors import ConfigError
 from megaengine.fp8 import set_grad_divisor, update_amax_history
 from megaengine.models import GPT, count_parameters
 from megaengine.models.gpt import generate
+from megaengine.moe import pop_moe_stats, set_aux_loss_scale
 from megaengine.parallel import comm
 from megaengine.parallel.mesh import reseed, rng_state, set_rng_state
 from megaengine.pipeline import schedules
@@ -122,7 +123,8 @@ def train(cfg: Config) -> None:
         skips.record(skipped, iteration, grad_norm, optimizer.loss_scale, say)
         if window.due(iteration):
             with watch("loss logging", iteration):
-                logger.log(iteration, lr=lr, grad_norm=grad_norm, **window.flush())
+                logger.log(iteration, lr=lr, grad_norm=grad_norm, **window.flush(),
+                           extra=moe_metrics(chunks, cfg, state))
         skips.stop_if_too_many(iteration)
         if evaluation_due(cfg, iteration) and data.valid is not None:
             with watch("evaluation", iteration):
@@ -205,8 +207,8 @@ def build_model_chunks(cfg: Config, state) -> list:
     ranges = layer_ranges(cfg.model.num_layers, pp, v)[r]
     with sharded_build(cfg, state):
         chunks = [GPT(cfg.model, state.tp_group, cp_group=state.cp_group, cp_comm_type=cfg.parallel.cp_comm_type,
-                      layers=ranges[c], pre_process=(r == 0 and c == 0), post_process=(r == pp - 1 and c == v - 1))
-                  for c in range(v)]
+                      layers=ranges[c], pre_process=(r == 0 and c == 0), post_process=(r == pp - 1 and c == v - 1),
+                      ep_group=state.ep_group) for c in range(v)]
     set_grad_divisor(chunks, state.dp_cp_size)  # FP8 histories in the global batch's units: the same at any dp
     return [c.to(device=state.device, dtype=cfg.train.param_dtype) for c in chunks]
 
@@ -222,9 +224,11 @@ def sharded_build(cfg: Config, state):
 
 
 def build_optimizer(chunks, cfg: Config, state) -> ZeroOptimizer:
-    # Weights are replicated over dp and cp: gradients are reduced, and ZeRO shards, over both.
+    # Weights are replicated over dp and cp: gradients are reduced, and ZeRO shards, over both; MoE experts only
+    # over the ranks holding the same experts.
     opt = ZeroOptimizer.from_config(chunks, cfg.optim, dp_group=state.dp_cp_group, tp_group=state.tp_group,
-                                    pp_group=state.pp_group)
+                                    pp_group=state.pp_group, expert_dp_group=state.expert_dp_group,
+                                    ep_group=state.ep_group)
     for chunk in chunks:  # ZeRO-3: the tied head reads the embedding outside its module, so gather it there too
         if chunk.pre_process and chunk.post_process and not cfg.model.untie_embeddings_and_output_weights:
             opt.register_external_parameter(chunk, chunk.word_embeddings.weight)
@@ -253,14 +257,16 @@ def plan_pipeline(cfg: Config, state) -> PipelinePlan | None:
 
 def initialize_mesh(cfg: Config):
     p = cfg.parallel
-    return parallel.initialize(p.tp, p.pp, cp=p.cp, backend=p.backend, seed=cfg.train.seed,
+    return parallel.initialize(p.tp, p.pp, cp=p.cp, ep=p.ep, backend=p.backend, seed=cfg.train.seed,
                                timeout_minutes=p.timeout_minutes)
 
 
 def progress_logger(cfg: Config, state, say) -> ProgressLogger:
     counts = count_parameters(cfg.model, state.tp_size)
-    say(f"megaengine: {counts['total'] / 1e6:.2f}M parameters | tp {state.tp_size} pp {state.pp_size} "
-        f"cp {state.cp_size} dp {state.dp_size} | {state.device}", flush=True)
+    active = f" ({counts['active'] / 1e6:.2f}M active per token)" if cfg.model.moe else ""
+    say(f"megaengine: {counts['total'] / 1e6:.2f}M parameters{active} | tp {state.tp_size} pp {state.pp_size} "
+        f"cp {state.cp_size} dp {state.dp_size}{f' ep {state.ep_size}' if state.ep_size > 1 else ''} | "
+        f"{state.device}", flush=True)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_length
     return ProgressLogger(total_iters=cfg.train.train_iters, tokens_per_iter=tokens_per_iter,
                           flops_per_iter=tokens_per_iter * flops_per_token(cfg.model, counts["matmul"]),
@@ -307,6 +313,7 @@ def forward_backward(chunks, optimizer, batches, plan: PipelinePlan | None, stat
     """The micro-batches through one stage, or through the pipeline schedule; gradients reduced."""
     optimizer.zero_grad()
     n = len(batches)
+    scale_aux_losses(chunks, optimizer, n)
     total = torch.zeros((), device=state.device)
     if plan is None:
         model = chunks[0]
@@ -334,6 +341,36 @@ def forward_backward(chunks, optimizer, batches, plan: PipelinePlan | None, stat
     optimizer.finish_grad_sync()
     optimizer.sync_tied_grads(state.embedding_group)
     return total
+
+
+def scale_aux_losses(chunks, optimizer, num_microbatches: int) -> None:
+    """MoE layers seed their auxiliary losses' gradient in backward: it must be what the main loss is multiplied
+    by (the loss scale over the micro-batches), which can change every step under fp16."""
+    for chunk in chunks:
+        set_aux_loss_scale(chunk, optimizer.loss_scale / num_microbatches)
+
+
+def moe_metrics(chunks, cfg: Config, state) -> dict:
+    """The MoE layers' statistics since the last call (each a mean over micro-batches), averaged over the layers
+    and the dp ranks: {"load_balancing_loss", "z_loss", "dropped_fraction"}, those that are on, coefficients not
+    applied (as Megatron logs them). Collective; {} for a dense model."""
+    moe = cfg.model.moe
+    names = [] if moe is None else [
+        name for name, on in (("load_balancing_loss", moe.moe_aux_loss_coeff > 0), ("z_loss", moe.moe_z_loss_coeff > 0),
+                              ("dropped_fraction", moe.moe_expert_capacity_factor is not None)) if on]
+    if not names:
+        return {}
+    t = torch.zeros(len(names) + 1, device=state.device)  # the statistics' sums over layers, the number of layers
+    for chunk in chunks:
+        stats, layers = pop_moe_stats(chunk)
+        for i, name in enumerate(names):
+            t[i] += stats.get(name, 0.0)
+        t[-1] += layers
+    if cfg.model.sequence_parallel:  # each tp rank holds its sequence shard's share
+        comm.all_reduce(t[:-1], state.tp_group)
+    comm.all_reduce(t, state.pp_group)
+    comm.all_reduce(t[:-1], state.dp_cp_group)
+    return dict(zip(names, (t[:-1] / (t[-1].clamp_min(1) * state.dp_cp_size)).tolist()))
 
 
 def reduce_loss(total: torch.Tensor, state) -> float:
@@ -443,9 +480,9 @@ class TrainingCheckpoints:
         self.cfg, self.state, self.chunks, self.optimizer, self.loader = cfg, state, chunks, optimizer, loader
         self.tokenizer_model = os.path.abspath(tokenizer_model)
         self.checkpointer = Checkpointer(async_save=cfg.checkpoint.async_save, retain=cfg.checkpoint.save_retain)
-        self.layout = Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size, cp=state.cp_size,
+        self.layout = Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size, cp=state.cp_size, ep=state.ep_size,
                              virtual_stages=len(chunks), zero_stage=optimizer.stage, tp_rank=state.tp_rank,
-                             replica=state.dp_cp_rank)
+                             replica=state.dp_cp_rank, ep_rank=state.ep_rank, expert_replica=state.expert_dp_rank)
 
     def named_params(self) -> list:
         return [(chunk.global_name(name), p) for chunk in self.chunks for name, p in chunk.named_parameters()]
@@ -497,6 +534,13 @@ class TrainingCheckpoints:
                 "add_bias_linear", "untie_embeddings_and_output_weights")
         saved, now = meta.get("model", {}), self.cfg.model.to_dict()
         diff = [f"{k}: saved {saved.get(k)}, now {now.get(k)}" for k in keys if saved.get(k) != now.get(k)]
+        moe_keys = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq")
+        saved_moe, now_moe = saved.get("moe") or {}, now.get("moe") or {}
+
+        def plain(v):  # the JSON file holds lists where the config holds tuples
+            return list(v) if isinstance(v, tuple) else v
+        diff += [f"{k}: saved {saved_moe.get(k)}, now {now_moe.get(k)}" for k in moe_keys
+                 if plain(saved_moe.get(k)) != plain(now_moe.get(k))]
         if diff:
             raise ConfigError(f"{path}: checkpoint is of another model shape ({'; '.join(diff)}).")
 

@@ -5,6 +5,9 @@ Layout: trainable parameters, in reverse registration order (about the order bac
 gradients), are packed into buckets of about `bucket_size` elements and one dtype, each padded to a multiple
 of dp so it is reduce-scattered on its own. A bucket owns one flat tensor of the parameter dtype; its
 parameters become views of it. With sharding, rank r owns the r-th 1/dp slice of every bucket (`lo:hi`).
+Each bucket has a `Placement`: the group its gradient is reduced (and its state sharded) over. That is dp for
+every parameter but MoE experts, which are replicas only over the expert-data-parallel group (the ranks holding
+the same experts); their buckets are reduced over it, and still averaged over dp (`GradReducer.dp_size`).
 
 Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slice of an fp32 tensor (the
 "main grad") and drops `param.grad`, so accumulation over micro-batches is in fp32.
@@ -18,6 +21,8 @@ Collectives are issued in bucket-completion order, which is the same on every dp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from megaengine.parallel import comm
@@ -27,11 +32,21 @@ def pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class Bucket:
-    """Parameters of one dtype packed into one flat tensor of `numel` (a multiple of `shards`) elements."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a bucket's gradient is reduced: `group` (None: the default group), split into `shards` slices of
+    which this rank owns slice `rank` (1 and 0: the whole bucket, as in stage 0)."""
+    group: object = None
+    shards: int = 1
+    rank: int = 0
 
-    def __init__(self, index: int, params: list, shards: int, rank: int):
-        self.index = index
+
+class Bucket:
+    """Parameters of one dtype packed into one flat tensor of `numel` (a multiple of `shards`) elements,
+    reduced over `group`."""
+
+    def __init__(self, index: int, params: list, shards: int, rank: int, group=None):
+        self.index, self.group = index, group
         self.params = params
         self.dtype, self.device = params[0].dtype, params[0].device
         self.offsets: dict = {}  # param -> (start, numel) inside the flat bucket
@@ -67,23 +82,27 @@ class Bucket:
                 yield p, a - self.lo, b - self.lo, a - s
 
 
-def build_buckets(params: list, bucket_size: int, shards: int, rank: int, *, alone=lambda p: False) -> list:
-    """Greedy packing in the given order; a new bucket on dtype change, at `bucket_size` elements, and around
-    each param for which `alone(p)` (the tied embedding: both pipeline ends must shard it identically)."""
+def build_buckets(params: list, bucket_size: int, placement, *, alone=lambda p: False) -> list:
+    """Greedy packing in the given order; a new bucket on dtype or placement change, at `bucket_size` elements,
+    and around each param for which `alone(p)` (the tied embedding: both pipeline ends must shard it
+    identically). `placement(p)`: the param's `Placement`."""
     groups, cur, n = [], [], 0
     for p in params:
-        if cur and (alone(p) or alone(cur[-1]) or p.dtype != cur[-1].dtype or n >= bucket_size):
+        if cur and (alone(p) or alone(cur[-1]) or p.dtype != cur[-1].dtype or n >= bucket_size
+                    or placement(p) != placement(cur[-1])):
             groups.append(cur)
             cur, n = [], 0
         cur.append(p)
         n += p.numel()
     if cur:
         groups.append(cur)
-    return [Bucket(i, g, shards, rank) for i, g in enumerate(groups)]
+    return [Bucket(i, g, placement(g[0]).shards, placement(g[0]).rank, placement(g[0]).group)
+            for i, g in enumerate(groups)]
 
 
 class GradReducer:
-    """Main-grad hooks and the bucketed dp reduction (see the module docstring)."""
+    """Main-grad hooks and the bucketed dp reduction (see the module docstring): each bucket is reduced over its
+    own group, and every gradient is averaged over `dp_group`'s size."""
 
     def __init__(self, buckets: list, dp_group, *, sharded: bool, keep_full_grads: bool, overlap: bool,
                  use_reduce_scatter: bool = True, prescale: bool = True, max_inflight: int = 2):
@@ -142,10 +161,10 @@ class GradReducer:
             b.grad.div_(self.dp_size)
         if not self.sharded or not self.use_reduce_scatter:
             out = None
-            work = comm.all_reduce(b.grad, self.dp_group, async_op=True)
+            work = comm.all_reduce(b.grad, b.group, async_op=True)
         else:
             out = torch.empty(b.shard_numel, dtype=torch.float32, device=b.device)
-            work = comm.reduce_scatter_tensor(out, b.grad, self.dp_group, async_op=True)
+            work = comm.reduce_scatter_tensor(out, b.grad, b.group, async_op=True)
         b.launched = True
         self.inflight.append((b, work, out))
         if self.on_grads_ready is not None:

@@ -10,9 +10,10 @@ initialisation are done). At that moment its own parameters larger than `param_p
 unit: one module's own parameters, megaengine.zero.stage3) are cast to `dtype`, packed into one flat tensor
 padded to a multiple of dp, made equal on every rank (broadcast from dp rank 0, as the optimizer does with a
 whole model), and only this rank's 1/dp slice is kept (the unit's `shard`). The parameters become empty
-tensors whose `ParamInfo` records their full shape and unit (a zero.buffers.Bucket, as stage 3 keeps it). So a rank holds its shards plus the one module
-being built: a model built layer by layer never exists whole. Parameters the hook never sees (the root
-module's own) stay whole until the optimizer shards them, as it does any model.
+tensors whose `ParamInfo` records their full shape and unit (a zero.buffers.Bucket, as stage 3 keeps it).
+So a rank holds its shards plus the one module being built: a model built layer by layer never exists whole.
+Parameters the hook never sees (the root module's own) stay whole until the optimizer shards them, as it does
+any model.
 
 ZeroOptimizer at stage 3 adopts these units as they are (no copy, no gather); any other stage refuses a
 sharded model. Inside `zero_init`, a module's forward before the optimizer exists fails loudly (its
@@ -37,7 +38,7 @@ def shard_module_params(params: list, group, dtype, device, broadcast: bool = Tr
     with torch.no_grad():
         for p in params:
             p.data = p.data.to(dtype=dtype, device=device)
-    u = Bucket(-1, params, dist.get_world_size(group), dist.get_rank(group))
+    u = Bucket(-1, params, dist.get_world_size(group), dist.get_rank(group), group)
     if broadcast and dist.get_world_size(group) > 1:  # replicas start from dp rank 0's values, whatever RNG made them
         comm.broadcast(u.data, dist.get_global_rank(group, 0) if group is not None else 0, group)
     u.shard = u.data[u.lo:u.hi].clone()

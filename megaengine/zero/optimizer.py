@@ -27,6 +27,10 @@ Rules the caller relies on:
 - Weight decay (decoupled, AdamW) skips parameters with ndim < 2 (biases, norm weights), as Megatron does.
 - Pipeline tied embeddings (`ParamInfo.tied`) get their own bucket so both ends shard them identically;
   between `finish_grad_sync()` and `step()`, `sync_tied_grads(embedding_group)` sums their gradients.
+- MoE experts (`ParamInfo.ep_dim`) differ across the `ep_group` and are replicated over `expert_dp_group` only:
+  their own buckets are reduced and sharded over it (ZeRO's 1/N is then 1/expert_dp), averaged over dp like every
+  gradient (each expert's owner holds the sum over its ep group's tokens). They count once in the grad norm: at
+  stage 0 summed over ep before the max over dp, at stages 1-2 in the sum over dp. No stage 3 with ep > 1.
 - Stage 3 parameters are only valid inside their module's forward/backward; use `gathered_params()` to read them.
 """
 from __future__ import annotations
@@ -42,13 +46,17 @@ from torch import nn
 from megaengine.parallel import comm
 from megaengine.parallel.mesh import ConfigError
 from megaengine.parallel.params import full_shape, param_info
-from megaengine.zero.buffers import GradReducer, build_buckets
+from megaengine.zero.buffers import GradReducer, Placement, build_buckets
 from megaengine.zero.loss_scale import DynamicLossScaler, loss_scaler_for
 
 log = logging.getLogger("megaengine.zero")
 
 # The fp32 state kept per parameter element; checkpoints store one tensor of each kind per parameter.
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def _group_rank(group) -> int:
@@ -98,12 +106,16 @@ def adamw_(p, g, m, v, *, lr, beta1, beta2, eps, step, weight_decay, decay_range
 class ZeroOptimizer:
     def __init__(self, model_chunks, *, stage: int = 0, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, adam_w_mode: bool = True, clip_grad: float = 0.0,
-                 dp_group=None, tp_group=None, pp_group=None, reduce_bucket_size: int = 500_000_000,
-                 overlap_comm: bool = True, reduce_scatter: bool = True, prescale_gradients: bool = False,
-                 loss_scaler=None, offload_optimizer: bool = False, prefetch_bucket_size: int = 50_000_000,
-                 param_persistence_threshold: int = 100_000, max_live_parameters: int = 1_000_000_000):
+                 dp_group=None, tp_group=None, pp_group=None, expert_dp_group=None, ep_group=None,
+                 reduce_bucket_size: int = 500_000_000, overlap_comm: bool = True, reduce_scatter: bool = True,
+                 prescale_gradients: bool = False, loss_scaler=None, offload_optimizer: bool = False,
+                 prefetch_bucket_size: int = 50_000_000, param_persistence_threshold: int = 100_000,
+                 max_live_parameters: int = 1_000_000_000):
         if stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+        if stage == 3 and _group_size(ep_group) > 1:
+            raise ConfigError("zero_optimization.stage=3 with expert parallelism (ep > 1) is not supported: use "
+                              "stage 1 or 2 with --expert-model-parallel-size > 1.")
         if offload_optimizer and stage == 0:
             raise ConfigError('zero_optimization.offload_optimizer needs stage >= 1 (got stage 0); set "stage": 1 '
                               'or higher, or remove offload_optimizer.')
@@ -113,6 +125,8 @@ class ZeroOptimizer:
         self.eps, self.weight_decay, self.decoupled = eps, weight_decay, adam_w_mode
         self.dp_group, self.tp_group, self.pp_group = dp_group, tp_group, pp_group
         self.dp_size, self.dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+        self.ep_group = ep_group if _group_size(ep_group) > 1 else None
+        self.expert_dp_group = expert_dp_group if self.ep_group is not None else dp_group
         self.tp_rank = _group_rank(tp_group)
         params = trainable_params(self.chunks)
         if not params:
@@ -127,14 +141,13 @@ class ZeroOptimizer:
         self.loss_scaler = loss_scaler
         self._broadcast_from_dp0(params)
 
-        shards = 1 if stage == 0 else self.dp_size
         self.gatherer = None
         if stage == 3:
             from megaengine.zero.stage3 import ParamGatherer, split_persistent
             whole, unit_modules = split_persistent(self.chunks, params, param_persistence_threshold)
         else:
             whole, unit_modules = params, []
-        self.buckets = build_buckets(whole[::-1], int(reduce_bucket_size), shards, self.dp_rank if shards > 1 else 0,
+        self.buckets = build_buckets(whole[::-1], int(reduce_bucket_size), self._placement,
                                      alone=lambda p: param_info(p).tied is not None)
         if stage == 3:
             self.gatherer = ParamGatherer(unit_modules, self.dp_group, len(self.buckets),
@@ -166,13 +179,15 @@ class ZeroOptimizer:
         self._chunk_units: dict[int, set] = {}  # chunk index -> ids of its stage-3 units (prefetch)
 
     @classmethod
-    def from_config(cls, model_chunks, optim, *, dp_group=None, tp_group=None, pp_group=None) -> "ZeroOptimizer":
+    def from_config(cls, model_chunks, optim, *, dp_group=None, tp_group=None, pp_group=None, expert_dp_group=None,
+                    ep_group=None) -> "ZeroOptimizer":
         """The optimizer an `OptimConfig` (megaengine.zero.config) describes."""
         z = optim.zero
         return cls(
             model_chunks, stage=z.stage, lr=optim.lr, betas=optim.betas, eps=optim.eps,
             weight_decay=optim.weight_decay, adam_w_mode=optim.adam_w_mode, clip_grad=optim.clip_grad,
-            dp_group=dp_group, tp_group=tp_group, pp_group=pp_group, reduce_bucket_size=z.reduce_bucket_size,
+            dp_group=dp_group, tp_group=tp_group, pp_group=pp_group, expert_dp_group=expert_dp_group,
+            ep_group=ep_group, reduce_bucket_size=z.reduce_bucket_size,
             overlap_comm=z.overlap_comm, reduce_scatter=z.reduce_scatter, prescale_gradients=optim.prescale_gradients,
             loss_scaler=loss_scaler_for(optim.fp16), offload_optimizer=z.offload_optimizer == "cpu",
             prefetch_bucket_size=z.stage3_prefetch_bucket_size,
@@ -180,28 +195,40 @@ class ZeroOptimizer:
             max_live_parameters=z.stage3_max_live_parameters)
 
     # -- setup helpers ------------------------------------------------------------------------------------
+    def _replica_group(self, p):
+        """The ranks holding the same values of `p`: expert_dp for MoE experts, else dp."""
+        return self.expert_dp_group if param_info(p).expert_parallel else self.dp_group
+
+    def _placement(self, p) -> Placement:
+        group = self._replica_group(p)
+        if self.stage == 0:
+            return Placement(group)
+        return Placement(group, dist.get_world_size(group), dist.get_rank(group))
+
     def _broadcast_from_dp0(self, params) -> None:
-        """Start every dp replica from dp rank 0's weights, as DDP does."""
+        """Start every replica from the first replica's weights, as DDP does."""
         if self.dp_size == 1:
             return
-        src = dist.get_global_rank(self.dp_group, 0) if self.dp_group is not None else 0
         with torch.no_grad():
             for p in params:
-                if param_info(p).zero_unit is None:  # a model built sharded was made equal as it was built
-                    comm.broadcast(p.data, src, self.dp_group)
+                if param_info(p).zero_unit is not None:  # a model built sharded was made equal as it was built
+                    continue
+                group = self._replica_group(p)
+                if dist.get_world_size(group) > 1:
+                    comm.broadcast(p.data, 0 if group is None else dist.get_global_rank(group, 0), group)
 
     def _own_param_data(self, b) -> torch.Tensor:
         return b.shard if b.shard is not None else b.data[b.lo:b.hi]
 
     def _bucket_segments(self, b):
-        """Weight-decay and grad-norm ranges inside the bucket's own slice."""
+        """Weight-decay and grad-norm ranges inside the bucket's own slice, and whether it holds experts."""
         decay, counted = [], []
         for p, a, e, _ in b.own_params():
             decay.append((a, e, len(full_shape(p)) >= 2))
             counted.append((a, e, _counts_in_norm(p, self.tp_rank)))
         decay_ranges = [(a, e) for a, e, f in _runs(decay) if f]
         norm_ranges = [(a, e) for a, e, f in _runs(counted) if f]
-        return decay_ranges, norm_ranges
+        return decay_ranges, norm_ranges, param_info(b.params[0]).expert_parallel
 
     # -- per micro-batch -----------------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -280,7 +307,7 @@ class ZeroOptimizer:
                 for g in grads:
                     g.mul_(coef)
         self.step_count += 1
-        for b, g, (decay_ranges, _) in zip(self.buckets, grads, self._segments):
+        for b, g, (decay_ranges, _, _) in zip(self.buckets, grads, self._segments):
             sl = slice(b.master_offset, b.master_offset + b.shard_numel)
             adamw_(self.master[sl], g.to(self.opt_device), self.exp_avg[sl], self.exp_avg_sq[sl], lr=lr,
                    beta1=self.beta1, beta2=self.beta2, eps=self.eps, step=self.step_count,
@@ -289,20 +316,23 @@ class ZeroOptimizer:
         return norm, False
 
     def _grad_norm(self, grads) -> tuple[float, bool]:
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        bad = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g, (_, norm_ranges) in zip(grads, self._segments):
+        # [sum of squares, non-finite count] and, with expert parallelism, the experts' squares apart.
+        t = torch.zeros(2 if self.ep_group is None else 3, dtype=torch.float32, device=self.device)
+        for g, (_, norm_ranges, experts) in zip(grads, self._segments):
             for a, e in norm_ranges:
-                sq += torch.dot(g[a:e], g[a:e])
-            bad += (~torch.isfinite(g.sum())).float()
-        t = torch.stack([sq, bad])
+                t[2 if experts and self.ep_group is not None else 0] += torch.dot(g[a:e], g[a:e])
+            t[1] += (~torch.isfinite(g.sum())).float()
         for group in (self.tp_group, self.pp_group):
             if group is not None:
                 comm.all_reduce(t, group)
         # Sharded gradients: each rank summed only its slice. Replicated ones (stage 0): the max keeps the norm
-        # exact and still makes an overflow seen by one rank skip the step on all.
+        # exact and still makes an overflow seen by one rank skip the step on all; the ep ranks' experts differ,
+        # so their squares (and overflows) are summed over ep first.
+        if self.stage == 0 and self.ep_group is not None:
+            comm.all_reduce(t[1:], self.ep_group)
         comm.all_reduce(t, self.dp_group, op=dist.ReduceOp.SUM if self.stage >= 1 else dist.ReduceOp.MAX)
-        sq, bad = t.tolist()
+        values = t.tolist()
+        sq, bad = sum(values) - values[1], values[1]
         norm = math.sqrt(sq) if sq >= 0 else float("nan")
         return norm, bad > 0 or not math.isfinite(norm)
 
@@ -317,7 +347,7 @@ class ZeroOptimizer:
                 elif self.stage == 0:
                     b.data.copy_(new)
                 else:
-                    works.append(comm.all_gather_into_tensor(b.data, new, self.dp_group, async_op=True))
+                    works.append(comm.all_gather_into_tensor(b.data, new, b.group, async_op=True))
             for w in works:
                 if w is not None:
                     w.wait()
@@ -368,7 +398,7 @@ class ZeroOptimizer:
         if b.shard_numel == b.numel:  # stage 0: the rank holds the whole bucket
             return own
         full = torch.empty(b.numel, dtype=torch.float32, device=self.device)
-        comm.all_gather_into_tensor(full, own.to(self.device), self.dp_group)
+        comm.all_gather_into_tensor(full, own.to(self.device), b.group)
         return full
 
     def load_param_state(self, param: torch.Tensor, state: dict) -> None:

@@ -51,6 +51,11 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _backward_hook_fires(output) -> bool:
+    outs = output if isinstance(output, (tuple, list)) else (output,)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in outs)
+
+
 def split_persistent(chunks, params: list, threshold: int):
     """(whole params, [(module, unit params, unit or None)]): each non-persistent param belongs to its first
     owner module. Parameters built sharded (zero_init) come with their unit, taken as it is."""
@@ -82,9 +87,12 @@ class ParamGatherer:
         self.uses: dict[int, list[Bucket]] = {}  # id(module) -> units its forward needs
         for i, (module, params, made) in enumerate(unit_modules):
             if made is not None:  # built sharded: only the shard exists
-                u, u.index, u.state = made, first_index + i, FREE
+                if (made.shard_numel * size, made.lo) != (made.numel, rank * made.shard_numel):
+                    raise ValueError("the model was built under zero_init over another data-parallel group than "
+                                     f"the optimizer's ({size} ranks): build it with the optimizer's dp group")
+                u, u.index, u.state, u.group = made, first_index + i, FREE, dp_group
             else:
-                u = Bucket(first_index + i, params, size, rank)
+                u = Bucket(first_index + i, params, size, rank, dp_group)
                 u.shard, u.state = u.data[u.lo:u.hi].clone(), READY
             u.work, u.active = None, 0  # active: modules inside their forward using it
             self.units.append(u)
@@ -206,9 +214,13 @@ class ParamGatherer:
     def _post_forward(self, module, args, output) -> None:
         if _recomputing():
             return
+        # Without a backward pre-hook to gather them again (torch fires one only for a tensor output, or a
+        # tuple or list of them, requiring grad: not e.g. a router's dataclass of routing tensors), the
+        # backward would read released weights: keep them until their gradients arrive.
+        keep = torch.is_grad_enabled() and not _backward_hook_fires(output)
         for u in self.uses[id(module)]:
             u.active -= 1
-            if u.active == 0:  # an enclosing module that reads it too (tied weights) keeps it
+            if u.active == 0 and not keep:  # an enclosing module that reads it too (tied weights) keeps it
                 self._release(u)
 
     def _pre_backward(self, module, grad_output) -> None:

@@ -159,6 +159,7 @@ def test_search_lists_fitting_layouts_fastest_first(capsys):
     (["--config", "configs/gpt-tiny.json", "--world-size", "6", "--tp", "4"], "--world-size"),
     (["--config", "configs/gpt-tiny.json", "--recompute-granularity", "full"], "--recompute-method"),
     (["--num-layers", "2"], "--hidden-size"),
+    (["--config", "configs/moe-tiny.json", "--world-size", "4"], "--num-experts"),
 ])
 def test_bad_flags_are_config_errors(argv, flag, capsys):
     from megaengine.plan.__main__ import main

@@ -24,7 +24,7 @@ from megaengine.testing import run_distributed
 
 
 def test_seeded_init_draws_only_the_pieces_it_returns(monkeypatch):
-    from megaengine.models import init
+    from megaengine.tensor_parallel import init
     f = init.seeded_init(5, "layers.0.mlp.fc1", 0.02, rows=250)
     full = f.piece((300, 40))
     assert full[250:].abs().sum() == 0 and full[:250].std() > 0.01  # vocabulary padding is zero

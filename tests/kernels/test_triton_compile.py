@@ -30,7 +30,7 @@ def results(tmp_path_factory):
 def test_every_kernel_family_is_checked():
     assert {family.rsplit("-", 1)[0] for family in FAMILIES} == {
         "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_delta", "_layer_norm_fwd", "_layer_norm_bwd",
-        "_rms_norm_fwd", "_rms_norm_bwd"}
+        "_rms_norm_fwd", "_rms_norm_bwd", "_grouped_mm", "_grouped_mm_wgrad"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,7 +7,7 @@ row-parallel shard (a column range) draws each block and keeps its columns, so t
 No rank ever materialises a whole weight it does not keep (the vocabulary embedding of a large model at tp 8
 would otherwise be built 8 times over on every rank).
 
-`seeded_init(...)` is an init method for the tensor-parallel layers (megaengine.tensor_parallel.layers): called
+`seeded_init(...)` is an init method for the tensor-parallel layers (tensor_parallel/layers.py): called
 on a full tensor it fills it; its `piece(shape, rows, cols)` returns the part of the full tensor at those
 row ranges and column range, which is what the layers ask for.
 """
