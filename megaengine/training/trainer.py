@@ -264,9 +264,9 @@ def initialize_mesh(cfg: Config):
 def progress_logger(cfg: Config, state, say) -> ProgressLogger:
     counts = count_parameters(cfg.model, state.tp_size)
     active = f" ({counts['active'] / 1e6:.2f}M active per token)" if cfg.model.moe else ""
+    extra = "".join(f" {name} {size}" for name, size in (("cp", state.cp_size), ("ep", state.ep_size)) if size > 1)
     say(f"megaengine: {counts['total'] / 1e6:.2f}M parameters{active} | tp {state.tp_size} pp {state.pp_size} "
-        f"cp {state.cp_size} dp {state.dp_size}{f' ep {state.ep_size}' if state.ep_size > 1 else ''} | "
-        f"{state.device}", flush=True)
+        f"dp {state.dp_size}{extra} | {state.device}", flush=True)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_length
     return ProgressLogger(total_iters=cfg.train.train_iters, tokens_per_iter=tokens_per_iter,
                           flops_per_iter=tokens_per_iter * flops_per_token(cfg.model, counts["matmul"]),
