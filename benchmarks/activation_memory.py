@@ -102,8 +102,8 @@ def _pipeline_rank(rank, world, seq, b, hidden, m):
 
 
 def table(rows, dtype_name: str) -> str:
-    out = [f"| shape | tp | sp | recompute | measured bytes | formula bytes | formula / measured | "
-           f"Korthikanti (16-bit, Megatron layer) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| shape | tp | sp | recompute | measured bytes | formula bytes | formula / measured | "
+           "Korthikanti (16-bit, Megatron layer) |", "|---|---|---|---|---|---|---|---|"]
     for shape, tp, sp, name, measured, formula, k in rows:
         out.append(f"| {shape} | {tp} | {'yes' if sp else 'no'} | {name} | {measured:,.0f} | {formula:,.0f} | "
                    f"{formula / measured:.4f} | {k:,.0f} |")

@@ -123,8 +123,9 @@ def test_recompute_flags_become_the_models_recompute_config():
     assert cfg.model.recompute == RecomputeConfig("full", "block", 2)
     assert GPTConfig.from_dict(cfg.model.to_dict()) == cfg.model  # checkpoints store the model as a dict
     assert "recompute full (block, 2)" in cfg.summary()
+    full_without_n = ["--recompute-granularity", "full", "--recompute-method", "uniform"]
     for extra, flag in ((["--recompute-activations", "--recompute-granularity", "full"], "--recompute-activations"),
-                        (["--recompute-granularity", "full", "--recompute-method", "uniform"], "--recompute-num-layers"),
+                        (full_without_n, "--recompute-num-layers"),
                         (["--recompute-num-layers", "2"], "--recompute-num-layers")):
         with pytest.raises(ConfigError, match=flag):
             resolve(TINY + extra)

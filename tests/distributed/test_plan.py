@@ -184,7 +184,8 @@ def _counted_worker(rank, world, flags):
     state = parallel.initialize(cp=layout.cp)
     model = GPT(config, state.tp_group, cp_group=state.cp_group, cp_comm_type=layout.cp_comm_type)
     model = model.to(torch.bfloat16 if layout.dtype_bytes == 2 else torch.float32)
-    tokens = torch.randint(0, 100, (layout.micro_batch, config.seq_length + 1), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 100, (layout.micro_batch, config.seq_length + 1), generator=g)
     x, y = (split_for_rank(t, state.cp_size, state.cp_rank) for t in (tokens[:, :-1], tokens[:, 1:]))
     return chunk_saved_bytes(model, x, y)
 

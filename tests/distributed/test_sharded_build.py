@@ -96,7 +96,7 @@ def test_custom_module_under_zero_init_trains_as_built_whole():
     whole = run_distributed(_custom_worker, 2, False)
     sharded = run_distributed(_custom_worker, 2, True)
     assert [e for e, _ in sharded] == [True, True] and [e for e, _ in whole] == [False, False]
-    assert [l for _, l in sharded] == [l for _, l in whole]
+    assert [losses for _, losses in sharded] == [losses for _, losses in whole]
 
 
 MICRO = 4
