@@ -199,7 +199,7 @@ def resolve_flags(values: dict, origin: dict, world_size: int = 1) -> Config:
     data = _data(values, origin)
     _context_parallel_defaults(values, origin, parallel)
     model = _model(values, data, parallel, _fp8(values, origin))
-    _check_experts(model, parallel, optim)
+    check_experts(model, tp=parallel.tp, dp=parallel.dp, cp=parallel.cp, ep=parallel.ep, zero_stage=optim.zero.stage)
     check_context_parallel(parallel.cp, parallel.cp_comm_type, seq_length=model.seq_length, tp=parallel.tp,
                            sequence_parallel=model.sequence_parallel, num_attention_heads=model.num_attention_heads,
                            num_query_groups=model.num_query_groups, attention_dropout=model.attention_dropout,
@@ -418,15 +418,16 @@ def _recompute(values: dict) -> RecomputeConfig:
                            method=values["recompute_method"], num_layers=values["recompute_num_layers"])
 
 
-def _check_experts(model: GPTConfig, parallel: ParallelConfig, optim: OptimConfig) -> None:
-    """Expert parallelism against the layout: experts over ep, ep out of dp; ZeRO stages 0-2 only."""
-    check_moe(model.moe, num_layers=model.num_layers, ep=parallel.ep, dp=parallel.dp, tp=parallel.tp,
-              sequence_parallel=parallel.sequence_parallel, add_bias_linear=model.add_bias_linear)
-    if model.moe is not None and parallel.cp > 1:
-        raise ConfigError(f"--num-experts with --context-parallel-size {parallel.cp} is not supported yet: the router's "
+def check_experts(model: GPTConfig, *, tp: int, dp: int, cp: int, ep: int, zero_stage: int) -> None:
+    """Expert parallelism against the layout: experts over ep, ep out of dp; ZeRO stages 0-2 only. Also what
+    the planner checks of each layout it considers."""
+    check_moe(model.moe, num_layers=model.num_layers, ep=ep, dp=dp, tp=tp, sequence_parallel=model.sequence_parallel,
+              add_bias_linear=model.add_bias_linear)
+    if model.moe is not None and cp > 1:
+        raise ConfigError(f"--num-experts with --context-parallel-size {cp} is not supported yet: the router's "
                           "load-balancing statistics would need summing over the cp ranks' sequence chunks; use cp 1.")
-    if parallel.ep > 1 and optim.zero.stage == 3:
-        raise ConfigError(f"ZeRO stage 3 with --expert-model-parallel-size {parallel.ep} is not supported (expert "
+    if ep > 1 and zero_stage == 3:
+        raise ConfigError(f"ZeRO stage 3 with --expert-model-parallel-size {ep} is not supported (expert "
                           "parameters are sharded over their own expert-data-parallel group); use stage 1 or 2.")
 
 

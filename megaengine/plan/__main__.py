@@ -6,6 +6,7 @@ step time, or with --search the layouts that fit, fastest first.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -23,18 +24,21 @@ def hardware(args, peak_tflops: float | None) -> Hardware:
 
 
 def report(config, layout, memory, time, hw: Hardware) -> dict:
-    return {"param_bytes": memory.param_bytes, "grad_bytes": memory.grad_bytes,
+    return {"param_bytes": memory.param_bytes, "expert_param_bytes": memory.expert_param_bytes,
+            "grad_bytes": memory.grad_bytes,
             "optimizer_bytes": memory.optimizer_bytes, "optimizer_on_host": memory.optimizer_on_host,
             "activation_bytes_per_microbatch": memory.activation_bytes_per_microbatch,
             "peak_activation_bytes": memory.peak_activation_bytes, "recompute_bytes": memory.recompute_bytes,
             "buffer_bytes": memory.buffer_bytes, "overhead_bytes": memory.overhead_bytes,
             "total_bytes": memory.total_bytes, "gpu_memory_bytes": hw.gpu_memory_gib * GiB,
             "fits": memory.total_bytes <= hw.gpu_memory_gib * GiB, "pipeline_rank": memory.pp_rank,
-            "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp, "virtual": layout.virtual,
+            "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp, "ep": layout.ep,
+                       "virtual": layout.virtual,
                        "schedule": layout.schedule, "zero_stage": layout.zero_stage,
                        "sequence_parallel": config.sequence_parallel, "recompute": config.recompute.describe(),
                        "micro_batch": layout.micro_batch, "microbatches": layout.microbatches},
-            "step_seconds": time.step_s, "mfu": time.mfu(layout.world, hw.peak_tflops),
+            "step_seconds": time.step_s, "step_parts": dataclasses.asdict(time),
+            "mfu": time.mfu(layout.world, hw.peak_tflops),
             "tokens_per_second": layout.global_batch * config.seq_length / time.step_s}
 
 
@@ -46,12 +50,15 @@ def print_report(r: dict, hw: Hardware) -> None:
     lay = r["layout"]
     held = r["peak_activation_bytes"] / r["activation_bytes_per_microbatch"]
     cp = f" cp {lay['cp']}" if lay["cp"] > 1 else ""
-    print(f"layout: tp {lay['tp']} pp {lay['pp']} (virtual {lay['virtual']}, {lay['schedule']}){cp} dp {lay['dp']}, "
+    dp = f"dp {lay['dp']}" + (f" (ep {lay['ep']})" if lay["ep"] > 1 else "")
+    print(f"layout: tp {lay['tp']} pp {lay['pp']} (virtual {lay['virtual']}, {lay['schedule']}){cp} {dp}, "
           f"ZeRO stage {lay['zero_stage']}, sequence parallel {lay['sequence_parallel']}, recompute "
           f"{lay['recompute']}, {lay['microbatches']} micro-batches of {lay['micro_batch']}")
     print(f"busiest rank: pipeline stage {r['pipeline_rank']}")
     host = " (host memory, not counted)" if r["optimizer_on_host"] else ""
-    rows = [("parameters", r["param_bytes"], ""), ("gradients (fp32)", r["grad_bytes"], ""),
+    expert_bytes = r["expert_param_bytes"]
+    experts = f" (experts' own buckets: {expert_bytes / GiB:.2f} GiB)" if expert_bytes else ""
+    rows = [("parameters", r["param_bytes"], experts), ("gradients (fp32)", r["grad_bytes"], ""),
             ("optimizer state", r["optimizer_bytes"], host),
             ("activations / micro-batch", r["activation_bytes_per_microbatch"], ""),
             ("activations at peak", r["peak_activation_bytes"], f" ({held:.2f} micro-batches in flight)"),
@@ -70,13 +77,15 @@ def print_search(results, config, world: int, hw: Hardware, top: int) -> None:
     print(f"{len(results)} layouts fit {world} GPUs of {hw.gpu_memory_gib:g} GiB; fastest first (assumptions: "
           f"{hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s on the math, {hw.intra_gbs:g} GB/s within a node of "
           f"{hw.gpus_per_node}, {hw.inter_gbs:g} GB/s across, {hw.overhead_gib:g} GiB overhead per GPU)")
-    print("| tp | pp | virtual | schedule | dp | ZeRO | recompute | micro-batch | GiB | step s | tokens/s | MFU "
-          "| comm GB/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    moe = config.moe is not None  # the ep column only for MoE models
+    print("| tp | pp | virtual | schedule | dp |" + " ep |" * moe + " ZeRO | recompute | micro-batch | GiB | step s "
+          "| tokens/s | MFU | comm GB/step |")
+    print("|---" * (13 + moe) + "|")
     for c in results[:top]:
         lay, t = c.layout, c.time
         tokens = lay.global_batch * config.seq_length / t.step_s
-        print(f"| {lay.tp} | {lay.pp} | {lay.virtual} | {lay.schedule} | {lay.dp} | {lay.zero_stage} | {c.recompute} "
+        dp = f"{lay.dp} |" + f" {lay.ep} |" * moe
+        print(f"| {lay.tp} | {lay.pp} | {lay.virtual} | {lay.schedule} | {dp} {lay.zero_stage} | {c.recompute} "
               f"| {lay.micro_batch} | {c.memory.total_bytes / GiB:.1f} | {t.step_s:.2f} | {tokens:,.0f} "
               f"| {t.mfu(lay.world, hw.peak_tflops):.1%} | {t.comm_bytes / 1e9:,.1f} |")
 

@@ -36,12 +36,17 @@ Where megaengine's layer departs from that sum (each is a term in `layer_terms`)
 - Biases and residual adds save nothing; the RoPE cos/sin tables are shared by all layers (not counted here).
 - Full recomputation keeps the input of each recomputed group (Megatron's uniform method: one per group of
   N layers; block: the first N layers one by one, the rest keep everything).
+- An MoE layer's MLP (layers with experts: GPTConfig.is_moe_layer) keeps what plan/moe.py derives (router,
+  dispatch indices, the experts' k T routed rows, the combine) instead of the dense MLP's terms, and no fc1
+  input: the router's fp32 copy of it is counted there.
 
 Element sizes are explicit: `dtype_bytes` is 4 for fp32 runs, 2 for bf16/fp16.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megaengine.plan.moe import moe_terms
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Kernels:
     fused_norms: bool  # Triton or CUDA norms
     mask_bytes: int  # bytes per element of a dropout mask
     stat_bytes: int  # bytes per row of a norm statistic (mean, rstd)
+    grouped_torch: bool = False  # MoE grouped GEMMs on the torch path (CPU) rather than Triton (CUDA)
 
 
 def kernels_for(config, device: str, dtype_bytes: int) -> Kernels:
@@ -70,7 +76,7 @@ def kernels_for(config, device: str, dtype_bytes: int) -> Kernels:
     stat = 4 if fused or cuda or config.normalization == "RMSNorm" else torch_layernorm_stats
     return Kernels(attention=attention, repeat_kv=backend != "triton",
                    attention_bytes=4 if attention == "math" else dtype_bytes, fused_norms=fused,
-                   mask_bytes=1 if cuda else dtype_bytes, stat_bytes=stat)
+                   mask_bytes=1 if cuda else dtype_bytes, stat_bytes=stat, grouped_torch=not cuda)
 
 
 def _norm_bytes(config, tokens: float, e: int, k: Kernels) -> float:
@@ -90,15 +96,16 @@ def _qkv_inputs(config, tp: int, e: int, *, own_q: bool, own_k_heads: int, own_v
 
 
 def layer_terms(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes: int, kernels: Kernels,
-                selective: bool = False) -> dict[str, float]:
-    """Bytes one transformer layer saves for backward on one tp rank, per micro-batch, by origin."""
+                selective: bool = False, moe: bool = False, ep: int = 1) -> dict[str, float]:
+    """Bytes one transformer layer saves for backward on one tp rank, per micro-batch, by origin; `moe`: its
+    MLP is config.moe's, its experts split over `ep` ranks."""
     c, k, e = config, kernels, dtype_bytes
     s, b, h = seq, micro_batch, c.hidden_size
     full, res = s * b, s * b / (tp if c.sequence_parallel else 1)  # tokens: gathered, residual stream
     a, g, d = c.num_attention_heads // tp, c.num_query_groups // tp, c.kv_channels
     gqa, rope = c.num_query_groups != c.num_attention_heads, c.position_embedding_type == "rope"
     p_attn, p_hidden = c.attention_dropout > 0, c.hidden_dropout > 0
-    terms = {"norms": 2 * _norm_bytes(c, res, e, k), "column inputs": 2 * res * h * e}
+    terms = {"norms": 2 * _norm_bytes(c, res, e, k), "column inputs": (1 if moe else 2) * res * h * e}
 
     if selective:  # the checkpoint keeps the attention core's inputs
         terms["attention core inputs"] = full * _qkv_inputs(c, tp, e, own_q=rope, own_k_heads=rope * g,
@@ -118,8 +125,10 @@ def layer_terms(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes: int
             terms["causal mask"] = s * s
     if selective or k.attention != "flash":  # else a view of the flash output, counted with it
         terms["projection input"] = full * a * d * e
-    f = c.ffn_hidden_size // tp
-    terms["mlp"] = full * f * e * (4 if c.swiglu else 2)
+    if moe:  # MoE needs sequence parallelism with tp > 1: the router takes this rank's shard
+        terms.update(moe_terms(c, res, ep=ep, dtype_bytes=e, kernels=k))
+    else:
+        terms["mlp"] = full * c.ffn_hidden_size // tp * e * (4 if c.swiglu else 2)
     if p_hidden:
         terms["dropout masks"] = 2 * res * h * k.mask_bytes
     return terms
@@ -144,22 +153,29 @@ def recomputed_groups(num_layers: int, granularity: str | None, method: str | No
     return min(n, num_layers), num_layers - min(n, num_layers)
 
 
-def chunk_layers_bytes(config, num_layers: int, **kw) -> float:
-    """Bytes the layers of one model chunk keep, under the configured recomputation."""
+def _per_layer(config, num_layers: int, first_layer: int, ep: int, selective: bool, kw) -> list[float]:
+    """layer_bytes of layers first_layer, first_layer + 1, ... (dense or MoE)."""
+    return [layer_bytes(config, selective=selective, moe=config.is_moe_layer(first_layer + i), ep=ep, **kw)
+            for i in range(num_layers)]
+
+
+def chunk_layers_bytes(config, num_layers: int, *, first_layer: int = 0, ep: int = 1, **kw) -> float:
+    """Bytes the layers of one model chunk (from global layer `first_layer`) keep, under the configured
+    recomputation."""
     r = config.recompute
     groups, plain = recomputed_groups(num_layers, r.granularity, r.method, r.num_layers)
-    selective = r.selective
-    kept = plain * layer_bytes(config, selective=selective, **kw)
+    kept = sum(_per_layer(config, num_layers, first_layer, ep, r.selective, kw)[num_layers - plain:])
     return kept + groups * layer_input_bytes(config, **kw)
 
 
-def recompute_working_bytes(config, num_layers: int, **kw) -> float:
-    """Bytes a full recomputation materialises at once in backward: one group's layers, all saved tensors."""
+def recompute_working_bytes(config, num_layers: int, *, first_layer: int = 0, ep: int = 1, **kw) -> float:
+    """Bytes a full recomputation materialises at once in backward: one group's layers (the largest), all
+    saved tensors."""
     r = config.recompute
     if r.granularity != "full":
         return 0.0
     n = min(r.num_layers, num_layers) if r.method == "uniform" else 1
-    return n * layer_bytes(config, **kw)
+    return n * max(_per_layer(config, num_layers, first_layer, ep, False, kw), default=0.0)
 
 
 def embedding_bytes(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes: int, kernels: Kernels) -> float:
@@ -187,10 +203,11 @@ def head_bytes(config, *, seq: int, micro_batch: int, tp: int, dtype_bytes: int,
     return out
 
 
-def chunk_bytes(config, num_layers: int, *, first: bool, last: bool, **kw) -> float:
-    """Bytes one model chunk (a GPT of `num_layers` layers, with the embedding and/or head) keeps per
-    micro-batch; kw: seq, micro_batch, tp, dtype_bytes, kernels."""
-    out = chunk_layers_bytes(config, num_layers, **kw)
+def chunk_bytes(config, num_layers: int, *, first: bool, last: bool, first_layer: int = 0, ep: int = 1,
+                **kw) -> float:
+    """Bytes one model chunk (a GPT of `num_layers` layers from global layer `first_layer`, with the embedding
+    and/or head) keeps per micro-batch; kw: seq, micro_batch, tp, dtype_bytes, kernels."""
+    out = chunk_layers_bytes(config, num_layers, first_layer=first_layer, ep=ep, **kw)
     if config.position_embedding_type == "rope" and num_layers:
         out += 2 * kw["seq"] * config.kv_channels * 4  # the fp32 cos and sin tables, shared by the layers
     if first:

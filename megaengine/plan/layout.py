@@ -14,6 +14,7 @@ class Layout:
     dp: int = 1
     cp: int = 1  # context parallel: ranks sharing each sequence (ZeRO shards over dp x cp)
     cp_comm_type: str = "p2p"
+    ep: int = 1  # expert parallel: dp ranks holding different experts of each MoE layer
     virtual: int = 1  # model chunks per pipeline rank (interleaved schedule)
     schedule: str = "1f1b"
     zero_stage: int = 0
@@ -36,6 +37,11 @@ class Layout:
         return self.dp * self.cp
 
     @property
+    def expert_replicas(self) -> int:
+        """Ranks holding the same experts: their gradients are reduced, and ZeRO shards, over these."""
+        return self.replicas // self.ep
+
+    @property
     def microbatches(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp)
 
@@ -48,6 +54,8 @@ class Layout:
             raise ConfigError(f"--global-batch-size={self.global_batch} is not divisible by --micro-batch-size x "
                               f"data-parallel size = {self.micro_batch} x {self.dp}.")
         layer_ranges(config.num_layers, self.pp, self.virtual)
+        from megaengine.config import check_experts
+        check_experts(config, tp=self.tp, dp=self.dp, cp=self.cp, ep=self.ep, zero_stage=self.zero_stage)
         if self.cp > 1:
             from megaengine.context_parallel import check_context_parallel
             check_context_parallel(self.cp, self.cp_comm_type, seq_length=config.seq_length, tp=self.tp,
@@ -124,11 +132,7 @@ def parse(argv=None):
 def from_config(cfg):
     """(GPTConfig, Layout) from the run's resolved Config."""
     p, t, z = cfg.parallel, cfg.train, cfg.optim.zero
-    if getattr(cfg.model, "moe", None) is not None:  # said, rather than planned as a dense model
-        raise ConfigError(f"--num-experts {cfg.model.moe.num_experts}: the planner does not model Mixture-of-Experts "
-                          "layers yet (expert parameters sharded over expert-data-parallel ranks, dispatch buffers); "
-                          "plan the dense model, or measure with memory_report().")
-    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, cp_comm_type=p.cp_comm_type, virtual=p.virtual_stages,
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, cp_comm_type=p.cp_comm_type, ep=p.ep, virtual=p.virtual_stages,
                     schedule=p.schedule, zero_stage=z.stage,
                     bucket_size=z.reduce_bucket_size, persistence_threshold=z.stage3_param_persistence_threshold,
                     prefetch_size=z.stage3_prefetch_bucket_size, max_live=z.stage3_max_live_parameters,

@@ -42,9 +42,11 @@ def chunk_saved_bytes(chunk, x: torch.Tensor, labels: torch.Tensor | None = None
     return saved.total
 
 
-def layer_saved_bytes(config, tp_group, *, seq: int, micro_batch: int, dtype: torch.dtype, per: int = 1) -> float:
+def layer_saved_bytes(config, tp_group, *, seq: int, micro_batch: int, dtype: torch.dtype, per: int = 1,
+                      ep_group=None) -> float:
     """Bytes one transformer layer keeps: a middle pipeline chunk of 2 x `per` layers minus one of `per` layers
-    (so nothing but layers is counted), divided by `per` (the recompute group size with the uniform method)."""
+    (so nothing but layers is counted), divided by `per` (the recompute group size with the uniform method).
+    `ep_group`: where an MoE layer's experts live."""
     import torch.distributed as dist
 
     from megaengine.models import GPT
@@ -52,7 +54,8 @@ def layer_saved_bytes(config, tp_group, *, seq: int, micro_batch: int, dtype: to
     rows = seq // tp if config.sequence_parallel else seq
     counts = []
     for n in (per, 2 * per):
-        chunk = GPT(config, tp_group, layers=(0, n), pre_process=False, post_process=False).to(dtype)
+        chunk = GPT(config, tp_group, layers=(0, n), pre_process=False, post_process=False,
+                    ep_group=ep_group).to(dtype)
         chunk.train()
         x = torch.randn(rows, micro_batch, config.hidden_size, dtype=dtype, requires_grad=True)
         counts.append(chunk_saved_bytes(chunk, x))

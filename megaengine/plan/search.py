@@ -2,7 +2,8 @@
 
 Varied: tp (powers of two up to a node, dividing heads, query groups and ffn), pp (dividing the layers),
 virtual stages (interleaved, 2 or 4 chunks a rank), the schedule (1f1b, zb-h1, interleaved), dp (the rest),
-ZeRO stage (0-3; 1-3 only with dp > 1; not 0 with offload), the
+for MoE models ep (every divisor of dp that divides the experts; the flags' --ep is only the starting point),
+ZeRO stage (0-3; 1-3 only with dp > 1; not 0 with offload; not 3 with ep > 1), the
 recomputation (none, selective, full uniform 1) and the micro-batch size (1, 2, 4, 8) at the run's global
 batch. Sequence parallelism is on whenever tp > 1 (Megatron's recommendation). Fixed: the model, the global
 batch, the context-parallel size and comm type, the ZeRO bucket sizes, the optimizer offload setting.
@@ -10,6 +11,7 @@ batch, the context-parallel size and comm type, the ZeRO bucket sizes, the optim
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from megaengine.errors import ConfigError
@@ -47,25 +49,29 @@ def _pipelines(layers: int, world: int, tp: int):
                     yield pp, v, "interleaved"
 
 
+def _ep_sizes(config, dp: int):
+    experts = config.moe.num_experts if config.moe is not None else 1
+    return [ep for ep in range(1, dp + 1) if dp % ep == 0 and experts % ep == 0]
+
+
 def candidates(config, base: Layout, world: int, hw: Hardware):
     for tp in _tp_sizes(config, hw.gpus_per_node):
         if world % (tp * base.cp):
             continue
         for pp, v, schedule in _pipelines(config.num_layers, world // base.cp, tp):
             dp = world // (tp * pp * base.cp)
-            for mbs in (1, 2, 4, 8):
-                for stage in range(4):
-                    if (stage and dp * base.cp == 1) or (stage == 0 and base.offload_optimizer):
+            for ep, mbs, stage in itertools.product(_ep_sizes(config, dp), (1, 2, 4, 8), range(4)):
+                if (stage and dp * base.cp == 1) or (stage == 0 and base.offload_optimizer):
+                    continue
+                layout = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, ep=ep, virtual=v, schedule=schedule,
+                                             micro_batch=mbs, zero_stage=stage)
+                for name, rc in RECOMPUTE.items():
+                    cfg = dataclasses.replace(config, sequence_parallel=tp > 1, recompute=rc)
+                    try:
+                        layout.check(cfg)
+                    except ConfigError:
                         continue
-                    layout = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, virtual=v, schedule=schedule,
-                                                 micro_batch=mbs, zero_stage=stage)
-                    for name, rc in RECOMPUTE.items():
-                        cfg = dataclasses.replace(config, sequence_parallel=tp > 1, recompute=rc)
-                        try:
-                            layout.check(cfg)
-                        except ConfigError:
-                            continue
-                        yield cfg, layout, name
+                    yield cfg, layout, name
 
 
 def search(config, base: Layout, world: int, hw: Hardware) -> list[Candidate]:
