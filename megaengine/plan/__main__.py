@@ -56,8 +56,7 @@ def print_report(r: dict, hw: Hardware) -> None:
           f"{lay['recompute']}, {lay['microbatches']} micro-batches of {lay['micro_batch']}")
     print(f"busiest rank: pipeline stage {r['pipeline_rank']}")
     host = " (host memory, not counted)" if r["optimizer_on_host"] else ""
-    expert_bytes = r["expert_param_bytes"]
-    experts = f" (experts' own buckets: {expert_bytes / GiB:.2f} GiB)" if expert_bytes else ""
+    experts = f" (experts {r['expert_param_bytes'] / GiB:.2f} GiB)" if lay["ep"] > 1 else ""
     rows = [("parameters", r["param_bytes"], experts), ("gradients (fp32)", r["grad_bytes"], ""),
             ("optimizer state", r["optimizer_bytes"], host),
             ("activations / micro-batch", r["activation_bytes_per_microbatch"], ""),

@@ -71,7 +71,7 @@ class Memory:
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
-    expert_param_bytes: int  # of param_bytes, the expert buckets' (reduced over the expert replicas, ep > 1)
+    expert_param_bytes: int  # of param_bytes, the experts' buckets (ep > 1; at ep 1 they share the dense ones)
     optimizer_on_host: bool
     activation_bytes_per_microbatch: float
     peak_activation_bytes: float

@@ -175,6 +175,15 @@ def test_search_lists_fitting_layouts_fastest_first(capsys):
     assert all(r["layout"]["tp"] * r["layout"]["pp"] * r["layout"]["dp"] == 8 for r in rows)
 
 
+def test_search_varies_ep_for_moe(capsys):
+    """ep over the divisors of dp (that divide the 8 experts), never with ZeRO-3 (unsupported with ep > 1)."""
+    from megaengine.plan.__main__ import main
+    assert main(["--config", "configs/moe-tiny.json", "--world-size", "4", "--search", "--json", "--top", "1000"]) == 0
+    layouts = [r["layout"] for r in json.loads(capsys.readouterr().out)]
+    assert {(lay["dp"], lay["ep"]) for lay in layouts} == {(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)}
+    assert not [lay for lay in layouts if lay["ep"] > 1 and lay["zero_stage"] == 3]
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--config", "configs/gpt-tiny.json", "--tp", "3", "--world-size", "6"], "--num-attention-heads"),
     (["--config", "configs/gpt-tiny.json", "--world-size", "6", "--tp", "4"], "--world-size"),
@@ -212,8 +221,9 @@ def _counted_worker(rank, world, flags):
     return chunk_saved_bytes(model, x, y)
 
 
-@pytest.mark.parametrize("extra", [[], ["--bf16"], ["--cp", "2", "--attention-dropout", "0"]],
-                         ids=["fp32", "bf16", "cp2"])
+@pytest.mark.parametrize("extra", [[], ["--bf16"], ["--cp", "2", "--attention-dropout", "0"],
+                                   ["--num-experts", "4", "--moe-ffn-hidden-size", "48", "--disable-bias-linear"]],
+                         ids=["fp32", "bf16", "cp2", "moe"])
 def test_cli_activations_per_microbatch_match_counted(extra, capsys):
     planned = _plan_json(PLAN_FLAGS + extra, capsys)["activation_bytes_per_microbatch"]
     world = 2 if "--cp" in extra else 1
