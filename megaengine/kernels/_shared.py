@@ -37,6 +37,16 @@ except ImportError:  # triton ships for Linux only; the torch references still w
     triton = tl = _Absent()
 
 
+@triton.jit
+def upcast_dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. The interpreter multiplies bfloat16 as raw uint16 bits; upcasting the already-rounded
+    operands (UPCAST, set on CPU) gives the same products a tensor core would."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 def interpreted(kernel) -> bool:
     """True when `kernel` was built by the Triton interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     if type(kernel).__name__ == "Autotuner":

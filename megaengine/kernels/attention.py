@@ -11,7 +11,7 @@ import math
 import torch
 
 from megaengine.kernels._shared import (cdiv, check_launchable, interpreted, on_device, prune_by_arch,
-                                       resolve_backend, tl, triton)
+                                       resolve_backend, tl, triton, upcast_dot)
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 LOG2E = 1.4426950408889634  # the kernels work in base 2: exp2 is one instruction
@@ -28,16 +28,6 @@ INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 # the regions that need them (the diagonal, the ragged end) only, as the STAGE of Triton's fused-attention
 # tutorial does.
 # ----------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # The interpreter multiplies bfloat16 as raw uint16 bits; upcasting the already-rounded operands gives the
-    # same products a tensor core would.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
 
 @triton.jit
 def _load(ptrs, ok, MASKED: tl.constexpr):
@@ -122,14 +112,14 @@ def _fwd_inner(q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, m0
             cols = start_n + tl.arange(0, BLOCK_N)
             v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
             kt = _load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols[None, :] < seq_k, MASKED)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PRECISION) * scale_log2
+            s = upcast_dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PRECISION) * scale_log2
             s = _mask(s, cols[None, :], seq_k, offs_m[:, None], cols[None, :], float("-inf"), CAUSAL, MASKED)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load(v_ptrs, cols[:, None] < seq_k, MASKED)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            acc = upcast_dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
     return acc, l_i, m_i
 
@@ -204,15 +194,15 @@ def _dkdv_inner(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, hk, heads, group, stride_qb,
                        rows[:, None] < seq_q, REGION != 1)
             lse = _load(LSE + stats, rows < seq_q, REGION != 1)
             delta = _load(DELTA + stats, rows < seq_q, REGION != 1)
-            st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PRECISION)
+            st = upcast_dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PRECISION)
             pt = tl.math.exp2(st * scale_log2 - lse[None, :] * _LOG2E)
             pt = _mask(pt, rows[None, :], seq_q, rows[None, :], cols[:, None], 0.0, CAUSAL, REGION != 1)
-            dv = _dot(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
-            dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PRECISION)
+            dv = upcast_dot(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
+            dpt = upcast_dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PRECISION)
             dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
-            dk = _dot(dst, tl.trans(qt), dk, UPCAST, PRECISION)
+            dk = upcast_dot(dst, tl.trans(qt), dk, UPCAST, PRECISION)
             if ATOMIC_DQ:
-                dq = _dot(tl.trans(dst), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), UPCAST, PRECISION)
+                dq = upcast_dot(tl.trans(dst), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), UPCAST, PRECISION)
                 dq_ptrs = DQ_ACC + stats[:, None] * HEAD_DIM + offs_d[None, :]
                 if REGION != 1:
                     tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < seq_q, sem="relaxed")
@@ -257,11 +247,11 @@ def _dq_inner(q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs
             key_ok = cols[None, :] < seq_k
             kt = _load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, key_ok, MASKED)
             vt = _load(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, key_ok, MASKED)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
+            s = upcast_dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
             p = tl.math.exp2(s * scale_log2 - lse[:, None])
             p = _mask(p, cols[None, :], seq_k, offs_m[:, None], cols[None, :], 0.0, CAUSAL, MASKED)
-            dp = _dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
-            dq = _dot((p * (dp - delta[:, None])).to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+            dp = upcast_dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
+            dq = upcast_dot((p * (dp - delta[:, None])).to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
     return dq
 
 

@@ -16,16 +16,7 @@ from __future__ import annotations
 import torch
 
 from megaengine.kernels._shared import (cdiv, check_launchable, interpreted, next_power_of_2, on_device,
-                                       resolve_backend, tl, triton)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # The interpreter multiplies bfloat16 as raw uint16 bits (see attention.py): it gets fp32 operands.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+                                       resolve_backend, tl, triton, upcast_dot)
 
 
 @triton.jit
@@ -53,7 +44,7 @@ def _grouped_mm(X, W, Y, OFFS, M, K, N, G, stride_xm, stride_xk, stride_wg, stri
                         mask=(rows[:, None] < row_end) & (ks[None, :] < K), other=0.0)
             b = tl.load(w_group + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                         mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-            acc = _dot(a, b, acc, UPCAST, PRECISION)
+            acc = upcast_dot(a, b, acc, UPCAST, PRECISION)
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
                  mask=(rows[:, None] < row_end) & (cols[None, :] < N))
 
@@ -75,7 +66,7 @@ def _grouped_mm_wgrad(A, B, C, OFFS, P, Q, stride_am, stride_ap, stride_bm, stri
                     mask=(ms[None, :] < end) & (ps[:, None] < P), other=0.0)  # (BLOCK_P, BLOCK_M): A^T
         b = tl.load(B + ms[:, None] * stride_bm + qs[None, :] * stride_bq,
                     mask=(ms[:, None] < end) & (qs[None, :] < Q), other=0.0)
-        acc = _dot(a, b, acc, UPCAST, PRECISION)
+        acc = upcast_dot(a, b, acc, UPCAST, PRECISION)
     tl.store(C + g.to(tl.int64) * stride_cg + ps[:, None] * stride_cp + qs[None, :] * stride_cq,
              acc.to(C.dtype.element_ty), mask=(ps[:, None] < P) & (qs[None, :] < Q))
 
