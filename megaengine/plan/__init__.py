@@ -4,6 +4,7 @@ a predicted step time for any layout, and a search over layouts (`python -m mega
     activations.py  bytes autograd keeps per layer / chunk / micro-batch (closed form, derived in its docstring)
     measure.py      the saved-tensor counter the closed form is checked against
     memory.py       parameter, gradient and optimizer bytes exactly as ZeroOptimizer allocates them
+    moe.py          what an MoE layer keeps for backward (closed form, derived in its docstring), its dispatch traffic
     layout.py       Layout, and the one function that reads pretrain_gpt.py's flags
     predict.py      the busiest rank's memory, the step time model
     search.py       layouts that fit N GPUs, fastest first

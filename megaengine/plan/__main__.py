@@ -1,6 +1,6 @@
 """python -m megaengine.plan --config configs/llama-7b.json --world-size 8 --gpu-memory 80 [--json | --search]
 
-Takes pretrain_gpt.py's flags (model, --tp, --pp, virtual stages, schedule, --zero-config, batch sizes,
+Takes pretrain_gpt.py's flags (model, --tp, --pp, --ep, virtual stages, schedule, --zero-config, batch sizes,
 recomputation, --bf16) plus the planner's (see --help), and prints the busiest rank's memory and a predicted
 step time, or with --search the layouts that fit, fastest first.
 """
